@@ -1,0 +1,146 @@
+"""The LoRA layer: a frozen linear map plus trainable low-rank updates, one per named adapter.
+
+    y = W0·x + b + sum over active adapters of  scaling · B·A·dropout(x),   scaling = alpha / r
+
+A (r x in) starts random and B (out x r) starts at zero, so a freshly wrapped layer computes exactly W0·x + b.
+Wraps torch.nn.Linear and transformers' Conv1D (GPT-2), whose weight is stored transposed (in x out).
+Attribute names (base_layer, lora_A, lora_B) follow PEFT so that state-dict keys match its adapter files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def init_kaiming_uniform(weight: torch.Tensor) -> None:
+    # the default init of nn.Linear, as PEFT uses for A
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def init_gaussian(weight: torch.Tensor, r: int) -> None:
+    # the LoRA paper's init for A
+    nn.init.normal_(weight, std=1 / r)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+class LoraLinear(nn.Module):
+    """A linear layer with any number of named LoRA adapters.
+
+    Example:
+        layer = LoraLinear(nn.Linear(64, 64))
+        layer.add_adapter("default", r=8, scaling=2.0)
+        y = layer(torch.randn(4, 64))   # equals the base layer's output until B is trained
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.train(base_layer.training)  # wrapping a model in eval mode keeps it in eval mode
+
+    # models read their layers' weight/bias directly (T5 checks `wo.weight.dtype`); answer with the base layer's
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming") -> None:
+        weight = self.base_layer.weight
+        # A and B are kept in fp32 even on a bf16/fp16 base (as PEFT does): Adam updates of ~1e-4 would round away
+        # in bf16's 8-bit mantissa. The forward casts them to the input's dtype, so compute stays at base speed.
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        # no dropout kernel at all when p = 0
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # a model in eval mode gets an adapter in eval mode
+        self.scaling[name] = scaling
+        if init == "gaussian":
+            init_gaussian(self.lora_A[name].weight, r)
+        else:
+            init_kaiming_uniform(self.lora_A[name].weight)
+        nn.init.zeros_(self.lora_B[name].weight)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        del self.scaling[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B·A in the layout of the base weight, computed in fp32."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.transposed else delta
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters' updates into the base weight, so inference costs nothing extra."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in names if names is not None else self.active_adapters:
+                if name in self.merged_adapters or name not in self.lora_A:
+                    continue
+                weight.copy_((weight.float() + self.delta_weight(name)).to(weight.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged updates again; restores the base weight up to dtype rounding."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            a = self.lora_A[name].weight.to(x.dtype)
+            b = self.lora_B[name].weight.to(x.dtype)
+            hidden = F.linear(self.lora_dropout[name](x), a)
+            if result.dtype == b.dtype:
+                # one GEMM that also scales and accumulates: result + scaling·(hidden @ Bᵀ)
+                flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
+                                   b.T, alpha=self.scaling[name])
+                result = flat.view(result.shape)
+            else:
+                result = result + (F.linear(hidden, b) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.out_features for name, a in self.lora_A.items()}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active_adapters}"
