@@ -72,7 +72,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
 
 
 def _modules_to_save_names(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [n for n, m in model.named_modules() if n and not isinstance(m, ModulesToSave) and name_matches(n, patterns)]
+    names = [n for n, m in model.named_modules()
+             if n and not isinstance(m, ModulesToSave) and name_matches(n, patterns)]
     # the outermost match only: wrapping `classifier` already covers `classifier.dense`
     names = [n for n in names if not any(n.startswith(p + ".") for p in names)]
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n, _ in model.named_modules() if n)]
@@ -130,7 +131,7 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
-        for m, was in zip(modules, previous):
+        for m, was in zip(modules, previous, strict=True):
             m.disabled = was
 
 

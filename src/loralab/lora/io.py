@@ -27,9 +27,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # PEFT features this loader does not implement; an adapter using them is refused rather than loaded wrongly
-UNSUPPORTED = {"use_dora": False, "layer_replication": None, "target_parameters": None,
-               "trainable_token_indices": None, "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
-               "exclude_modules": None}
+UNSUPPORTED = {"use_dora": False, "layer_replication": None, "target_parameters": None, "exclude_modules": None,
+               "trainable_token_indices": None, "lora_bias": False, "use_qalora": False,
+               "alora_invocation_tokens": None}
 
 
 def task_type(model: nn.Module) -> str | None:
