@@ -66,8 +66,8 @@ def main():
         torch.testing.assert_close(ours(x), theirs(x), rtol=2e-2, atol=2e-2)
         ours.train(), theirs.train()
         with torch.no_grad():
-            fwd = [time_it(lambda m=m: m(x), args.device) for m in (ours, theirs)]
-        both = [time_it(lambda m=m: m(x).sum().backward(), args.device) for m in (ours, theirs)]
+            fwd = [time_it(lambda m=m, x=x: m(x), args.device) for m in (ours, theirs)]
+        both = [time_it(lambda m=m, x=x: m(x).sum().backward(), args.device) for m in (ours, theirs)]
         table.add_row(f"{tokens} x {d_in} -> {d_out}, r={r}", f"{fwd[0]:.2f}", f"{fwd[1]:.2f}",
                       f"{fwd[1] / fwd[0]:.2f}", f"{both[0]:.2f}", f"{both[1]:.2f}", f"{both[1] / both[0]:.2f}")
     Console(width=150).print(table)

@@ -1,0 +1,17 @@
+from loralab.cli import USER_ERROR, main
+from tiny_models import tiny_model
+
+
+def test_targets_lists_linear_layers_and_marks_defaults(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path)
+    assert main(["targets", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    q_line = next(line for line in lines if " q_proj " in line)
+    k_line = next(line for line in lines if " k_proj " in line)
+    assert "yes" in q_line and "yes" not in k_line and " 2 " in q_line  # two layers each
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
+    assert main(["targets", str(tmp_path / "missing")]) == USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
