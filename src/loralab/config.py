@@ -1,0 +1,236 @@
+"""A run's configuration: YAML -> typed dataclasses, with dotted command-line overrides and strict checking.
+
+    loralab train run.yaml lora.r=16 train.lr=2e-4
+
+An unknown key or a wrong type is an error that names the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from loralab.errors import LoralabError
+from loralab.lora.config import LoraConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local folder, hub id, or package:<python module>/<sub folder> for a model shipped on PyPI
+    gguf_file: str | None = None  # a .gguf file inside `path` (dequantised to a float model by transformers)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    validation: str | None = None
+    validation_fraction: float = 0.0  # held out from train when no validation file is given
+    format: Literal["auto", "alpaca", "messages", "text", "classification", "spans", "tokens"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column name
+    template: str = "auto"  # auto | alpaca | chatml | llama2 | llama3 | chatglm3 | qwen | a Jinja string
+    system: str | None = None  # default system prompt for chat templates
+    max_length: int = 512
+    train_on_prompt: bool = False
+    labels: list[str] | None = None  # the label set, in order; default: sorted labels seen in training
+    limit: int | None = None  # use only the first N training records
+    delimiter: str | None = None  # csv/tsv column separator; default from the extension
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup: float = 0.0  # a fraction of all steps (< 1) or a number of steps (>= 1)
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None  # optimizer steps; the run also evaluates after each epoch
+    eval_batch_size: int = 32
+    best_metric: str = "auto"  # a metric name from the task; auto: the task's main metric
+    keep_checkpoints: int = 2
+    checkpoint_every: int | None = None  # optimizer steps; None: at each evaluation
+    resume: Literal["auto", "never"] = "auto"
+    overwrite: bool = False
+    log_every: int = 10
+    tensorboard: bool = False
+    device: str = "auto"
+    max_new_tokens: int = 16  # generate-classify: the longest label generated
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    task: Literal["sft", "classification", "tagging", "generate-classify"] = "sft"
+    method: Literal["lora", "full"] = "lora"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# names other tools use for our keys
+SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+            "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+            "per_device_train_batch_size": "batch_size", "cutoff_len": "max_length", "model_name_or_path": "path"}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    if SYNONYMS.get(key) in valid:
+        return f"did you mean '{SYNONYMS[key]}'?"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(valid)}"
+
+
+def _check_type(value: Any, hint, where: str, file: str | None) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, option, where, file)
+            except LoralabError:
+                continue
+        raise LoralabError(f"{value!r} is not a valid value", file=file, field=where,
+                           fix=f"expected {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value not in args:
+            raise LoralabError(f"{value!r} is not one of {', '.join(map(str, args))}", file=file, field=where,
+                               fix=_closest(str(value), [str(a) for a in args]))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise LoralabError(f"expected a list, got {value!r}", file=file, field=where)
+        return [_check_type(v, args[0], f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LoralabError(f"expected a mapping, got {value!r}", file=file, field=where)
+        return {_check_type(k, args[0], where, file): _check_type(v, args[1], f"{where}.{k}", file)
+                for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 2e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise LoralabError(f"expected {_type_name(hint)}, got {value!r}", file=file, field=where)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def from_dict(cls, data: dict, prefix: str = "", file: str | None = None):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise LoralabError(f"expected a mapping of settings, got {data!r}", file=file, field=prefix or None)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise LoralabError("unknown config key", file=file, field=where, fix=_closest(str(key), names))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}.", file)
+        else:
+            kwargs[key] = _check_type(value, hint, where, file)
+    try:
+        return cls(**kwargs)
+    except LoralabError as e:
+        e.file = e.file or file
+        raise
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, true/false, null)."""
+    if "=" not in override:
+        raise LoralabError(f"override {override!r} is not key=value", fix="e.g. lora.r=16 train.lr=2e-4")
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LoralabError(f"cannot set {key}: {part} is not a section", field=key)
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML config (or start from `base`), apply overrides, and check everything."""
+    data: dict = dict(base or {})
+    file = None
+    if path is not None:
+        file = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LoralabError("config file not found", file=file, fix="check the path") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise LoralabError(f"not valid YAML: {getattr(e, 'problem', e)}", file=file,
+                               record=None if line is None else line + 1) from None
+        if not isinstance(loaded, dict):
+            raise LoralabError("a config file must be a mapping of settings", file=file)
+        data.update(loaded)
+    for override in overrides:
+        apply_override(data, override)
+    config = from_dict(RunConfig, data, file=file)
+    _check_values(config, file)
+    return config
+
+
+def _check_values(config: RunConfig, file: str | None) -> None:
+    t = config.train
+    for name, value, ok, fix in (
+        ("train.lr", t.lr, t.lr > 0, "use e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, "use 1 or more"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "use 1 or more"),
+        ("train.epochs", t.epochs, t.epochs > 0, "use 1 or more"),
+        ("data.max_length", config.data.max_length, config.data.max_length >= 8, "use e.g. 512"),
+        ("data.validation_fraction", config.data.validation_fraction, 0 <= config.data.validation_fraction < 1,
+         "use e.g. 0.1"),
+        ("train.warmup", t.warmup, t.warmup >= 0, "use 0.03 (a fraction) or 100 (steps)"),
+    ):
+        if not ok:
+            raise LoralabError(f"impossible value {value!r}", file=file, field=name, fix=fix)
+    if not config.model.path:
+        raise LoralabError("no model given", file=file, field="model.path", fix="model.path=<folder or hub id>")
+    if not config.data.train:
+        raise LoralabError("no training data given", file=file, field="data.train", fix="data.train=<file>")
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Data: reading files, recognising their format, chat templates and batching."""

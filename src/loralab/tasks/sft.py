@@ -1,0 +1,64 @@
+"""Supervised fine-tuning of causal LMs on instruction / chat / raw text; the loss covers assistant tokens only."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from loralab.data.formats import resolve_format, to_conversation
+from loralab.data.records import Record
+from loralab.data.templates import encode_chat, resolve_template
+from loralab.tasks import TaskData
+from loralab.tasks.evaluation import batches, loss_sum
+
+log = logging.getLogger("loralab")
+MAIN_METRIC = "loss"
+
+
+def conversations(config, records: list[Record]) -> list[list[dict]]:
+    fmt = resolve_format(config.data.format, records)
+    turns = [to_conversation(r, fmt) for r in records]
+    if config.data.system and fmt != "text":
+        turns = [t if t[0]["role"] == "system" else [{"role": "system", "content": config.data.system}, *t]
+                 for t in turns]
+    return turns
+
+
+def template_for(config, tokenizer, records: list[Record]) -> str | None:
+    """The Jinja template to render with, or None for raw text (no template)."""
+    if resolve_format(config.data.format, records) == "text":
+        return None
+    return resolve_template(tokenizer, config.data.template)
+
+
+def encode_all(config, tokenizer, records: list[Record], template) -> tuple[list[dict], dict]:
+    examples, truncated, empty = [], 0, 0
+    for turns in conversations(config, records):
+        encoded = encode_chat(tokenizer, template, turns, config.data.max_length, config.data.train_on_prompt)
+        truncated += encoded.truncated
+        if encoded.trainable_tokens == 0:
+            empty += 1  # the answer was cut off entirely: nothing to learn from, so it is left out
+            continue
+        examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    return examples, {"truncated": truncated, "without_trainable_tokens": empty}
+
+
+def prepare(config, tokenizer, train_records: list[Record], validation_records: list[Record]) -> TaskData:
+    template = template_for(config, tokenizer, train_records)
+    train, stats = encode_all(config, tokenizer, train_records, template)
+    validation, _ = encode_all(config, tokenizer, validation_records, template)
+    if not train:
+        raise train_records[0].error("no training example keeps any answer token after truncation to "
+                                     f"max_length={config.data.max_length}", "data.max_length",
+                                     fix="raise data.max_length")
+    return TaskData(train, validation, stats=stats, extra={"template": template})
+
+
+def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:
+    total, count = 0.0, 0
+    for batch, output in batches(model, data.validation, tokenizer.pad_token_id, config.train.eval_batch_size,
+                                 device, autocast):
+        s, n = loss_sum(output.loss, batch["labels"], shifted=True)
+        total, count = total + s, count + n
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}

@@ -1,0 +1,1 @@
+"""Training: the loop, its optimizer and schedule, checkpoints and the run report."""

@@ -1,0 +1,320 @@
+"""`loralab train`: config -> data -> model + adapter -> optimizer steps with evaluation -> adapter + report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from loralab.config import RunConfig, save_config, to_dict
+from loralab.data.collate import length_grouped_order, pad_batch
+from loralab.data.records import read_records
+from loralab.errors import LoralabError
+from loralab.lora import LoraConfig, apply_lora, save_adapter, trainable_parameters_report
+from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
+from loralab.tasks import TaskData, get_task
+from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+from loralab.train.optim import make_optimizer, make_scheduler
+from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
+
+log = logging.getLogger("loralab")
+LOWER_IS_BETTER = ("loss", "perplexity")
+MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
+
+
+def prepare_run_dir(config: RunConfig) -> bool:
+    """Create runs/<name>, or decide to resume it. Returns True when resuming. A folder holding another run is
+    never touched unless train.overwrite is set."""
+    run_dir = config.run_dir
+    saved = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if config.train.overwrite:
+            shutil.rmtree(run_dir)
+        elif not saved.is_file():
+            raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
+                               fix="choose another name, or train.overwrite=true to replace it")
+        else:
+            differences = _differences(yaml.safe_load(saved.read_text(encoding="utf-8")), to_dict(config))
+            if differences:
+                raise LoralabError(f"the output folder holds a different run ({'; '.join(differences[:3])})",
+                                   file=str(run_dir), fix="choose another name, or train.overwrite=true")
+            if config.train.resume == "never":
+                raise LoralabError("the output folder already holds this run", file=str(run_dir),
+                                   fix="train.resume=auto to continue it, or train.overwrite=true to start over")
+            return bool(list_checkpoints(run_dir / "checkpoints"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return False
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    ignored = {"train.resume", "train.overwrite"}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{name}.")
+        elif a != b and name not in ignored:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def load_data(config: RunConfig):
+    d = config.data
+    train = read_records(d.train, d.columns, d.delimiter, d.limit)
+    if d.validation:
+        return train, read_records(d.validation, d.columns, d.delimiter)
+    if d.validation_fraction > 0:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        held = max(1, int(len(train) * d.validation_fraction))
+        return [train[i] for i in sorted(order[held:])], [train[i] for i in sorted(order[:held])]
+    return train, []
+
+
+def setup_model(config: RunConfig, data: TaskData, device, dtype):
+    """The model with only what should train left trainable; returns (model, fresh module names)."""
+    labels = data.labels if config.task in ("classification", "tagging") else None
+    id2label = dict(enumerate(labels)) if labels else None
+    # LoRA: the frozen base in the compute dtype; full fine-tuning: fp32 master weights, compute under autocast
+    weight_dtype = dtype if config.method == "lora" else torch.float32
+    model, fresh = load_model(config.model, config.task, weight_dtype, len(labels) if labels else None, id2label)
+    if config.method == "full":
+        model.requires_grad_(True)
+    else:
+        lora: LoraConfig = config.lora
+        if fresh:
+            # weights the checkpoint lacks start random; a frozen random layer (a head, a pooler) would cap the
+            # model at chance, so they train in full and are saved with the adapter
+            saved = list(dict.fromkeys([*(lora.modules_to_save or []), *fresh]))
+            lora = LoraConfig(**{**lora.__dict__, "modules_to_save": saved})
+            log.info("initialised fresh by the model class and trained in full: %s", ", ".join(fresh))
+        apply_lora(model, lora)
+        for p in model.parameters():  # trainable copies in fp32: optimizer updates must not round away
+            if p.requires_grad:
+                p.data = p.data.float()
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method == "lora":
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+        model.config.use_cache = False
+    return model.to(device), fresh
+
+
+def micro_batches(data: TaskData, config: RunConfig, epoch: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    order = length_grouped_order([len(e["input_ids"]) for e in data.train], config.train.batch_size, generator)
+    size = config.train.batch_size
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def train(config: RunConfig, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    resuming = prepare_run_dir(config)
+    run_dir = config.run_dir
+    torch.manual_seed(config.seed)
+    device = pick_device(config.train.device)
+    dtype = compute_dtype(config.model, device)
+    task = get_task(config.task)
+    tokenizer = load_tokenizer(config.model)
+    train_records, validation_records = load_data(config)
+    data = task.prepare(config, tokenizer, train_records, validation_records)
+    model, fresh = setup_model(config, data, device, dtype)
+    console.print(trainable_parameters_report(model))
+    if data.stats.get("truncated"):
+        console.print(f"{data.stats['truncated']} training examples were longer than max_length="
+                      f"{config.data.max_length} and were truncated")
+    if data.stats.get("without_trainable_tokens"):
+        console.print(f"{data.stats['without_trainable_tokens']} training examples had no answer token left after "
+                      "truncation and were left out")
+
+    t = config.train
+    steps_per_epoch = math.ceil(len(micro_batches(data, config, 0)) / t.grad_accum)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    optimizer = make_optimizer(model, t.lr, t.weight_decay)
+    scheduler = make_scheduler(optimizer, total_steps, t.warmup, t.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    best_metric = task.MAIN_METRIC if t.best_metric == "auto" else t.best_metric
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0, "epoch_seconds": [],
+             "evaluations": [], "best": None, "best_checkpoint": None, "skipped_steps": 0}
+    if resuming:
+        last = list_checkpoints(run_dir / "checkpoints")[-1]
+        saved = load_state(last)
+        load_weights(last, model)
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        scheduler.load_state_dict(saved.pop("scheduler"))
+        scaler.load_state_dict(saved.pop("scaler"))
+        torch.set_rng_state(saved.pop("rng"))
+        state.update(saved)
+        console.print(f"resuming {run_dir} from {last.name}")
+
+    metrics_log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    writer = _tensorboard(run_dir) if t.tensorboard else None
+
+    def record(entry: dict) -> None:
+        metrics_log.write(json.dumps(entry) + "\n")
+        metrics_log.flush()
+        if writer:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, entry["step"])
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / "checkpoints", model, {
+            **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, t.keep_checkpoints)
+
+    def evaluate(epoch_float: float) -> None:
+        if not data.validation:
+            return
+        metrics = task.evaluate(model, tokenizer, data, config, device, autocast)
+        if best_metric not in metrics:
+            raise LoralabError(f"unknown metric {best_metric!r}", field="train.best_metric",
+                               fix=f"use one of {', '.join(metrics)}")
+        state["evaluations"].append({"step": state["step"], "epoch": epoch_float, "metrics": metrics})
+        record({"step": state["step"], "epoch": epoch_float, **{f"eval_{k}": v for k, v in metrics.items()}})
+        console.print(f"step {state['step']} (epoch {epoch_float:.2f}): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        value, best = metrics[best_metric], state["best"]
+        better = best is None or (value < best["value"] if best_metric in LOWER_IS_BETTER else value > best["value"])
+        if better and state["step"] > 0:
+            state["best"] = {"metric": best_metric, "value": value, "step": state["step"], "epoch": epoch_float}
+            state["best_checkpoint"] = f"step-{state['step']:08d}"
+
+    if state["step"] == 0 and not state["evaluations"]:
+        evaluate(0.0)  # the base model's score, for comparison
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+    bar = progress.add_task("train", total=total_steps, completed=state["step"], info="")
+    model.train()
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+    with progress:
+        while state["step"] < total_steps:
+            epoch = state["epoch"]
+            batches = micro_batches(data, config, epoch)
+            groups = [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
+            epoch_start = time.perf_counter()
+            for group_index in range(state["batch"], len(groups)):
+                step_start = time.perf_counter()
+                loss_value, tokens = train_step(model, [[data.train[i] for i in g] for g in groups[group_index]],
+                                                tokenizer.pad_token_id, device, autocast, scaler)
+                state["batch"] = group_index + 1
+                if not math.isfinite(loss_value):
+                    optimizer.zero_grad(set_to_none=True)
+                    state["skipped_steps"] += 1
+                    state["bad_in_a_row"] = state.get("bad_in_a_row", 0) + 1
+                    if state["bad_in_a_row"] >= MAX_BAD_STEPS:
+                        raise LoralabError(f"the loss was NaN/inf for {MAX_BAD_STEPS} steps in a row (after step "
+                                           f"{state['step']})", field="train.lr",
+                                           fix="lower train.lr, or use model.dtype=bf16 or fp32 instead of fp16")
+                    continue
+                state["bad_in_a_row"] = 0
+                optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
+                state["step"] += 1
+                state["tokens"] += tokens
+                state["seconds"] += time.perf_counter() - step_start
+                window["loss"] += loss_value
+                window["steps"] += 1
+                window["tokens"] += tokens
+                epoch_float = epoch + state["batch"] / len(groups)
+                done = state["step"] >= total_steps
+                if state["step"] % t.log_every == 0 or done:
+                    elapsed = time.perf_counter() - window["start"]
+                    entry = {"step": state["step"], "epoch": epoch_float, "loss": window["loss"] / window["steps"],
+                             "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+                    record(entry)
+                    progress.update(bar, info=f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+                                              f"{entry['tokens_per_s']:.0f} tok/s")
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+                progress.update(bar, completed=state["step"])
+                epoch_end = state["batch"] == len(groups)
+                if epoch_end or done:
+                    state["epoch_seconds"].append(time.perf_counter() - epoch_start)
+                if epoch_end:
+                    state["epoch"], state["batch"] = epoch + 1, 0
+                if (t.eval_every and state["step"] % t.eval_every == 0) or epoch_end or done:
+                    evaluate(epoch_float)
+                    checkpoint()
+                elif t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    checkpoint()
+                if done:
+                    break
+    metrics_log.close()
+    if writer:
+        writer.close()
+    return finish(config, model, tokenizer, data, state, fresh, device, dtype, console)
+
+
+def train_step(model, micro: list[list[dict]], pad_id: int, device, autocast, scaler) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one optimizer step; returns (mean loss, non-pad tokens)."""
+    loss_value, tokens = 0.0, 0
+    for examples in micro:
+        batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
+        with autocast:
+            loss = model(**batch).loss / len(micro)
+        if torch.isfinite(loss):
+            scaler.scale(loss).backward()
+        loss_value += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_value, tokens
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float | None) -> None:
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LoralabError("TensorBoard logging needs the tensorboard package", field="train.tensorboard",
+                           fix="pip install tensorboard, or train.tensorboard=false") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype,
+           console: Console) -> dict:
+    """Save the best weights (or the last, without validation) as the run's output, and write the report."""
+    run_dir = config.run_dir
+    if state["best_checkpoint"] and (run_dir / "checkpoints" / state["best_checkpoint"]).is_dir():
+        load_weights(run_dir / "checkpoints" / state["best_checkpoint"], model)
+    output = run_dir / ("adapter" if config.method == "lora" else "model")
+    if config.method == "lora":
+        save_adapter(model, output)
+    else:
+        model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    peak, peak_kind = peak_memory_bytes(device)
+    model_path = Path(resolve_model_path(config.model.path))
+    report = {
+        "name": config.name, "task": config.task, "method": config.method, "model": config.model.path,
+        "parameters": trainable_parameters_report(model), "output": str(output),
+        "output_bytes": sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors"),
+        "base_model_bytes": size_on_disk(model_path, config.model.gguf_file),
+        "data": {"train_examples": len(data.train), "validation_examples": len(data.validation), **data.stats},
+        "fresh_modules": fresh, "epoch_seconds": state["epoch_seconds"], "total_seconds": state["seconds"],
+        "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9), "steps": state["step"],
+        "skipped_steps": state["skipped_steps"], "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "best": state["best"],
+        "evaluations": state["evaluations"],
+    }
+    write_report(run_dir, report)
+    console.print(f"done: {output} and {run_dir / 'report.md'}")
+    return report
