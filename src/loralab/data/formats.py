@@ -92,7 +92,7 @@ def to_spans(record: Record) -> tuple[str, list[tuple[int, int, str]]]:
                                fix="character offsets, end exclusive")
         spans.append((start, end, str(label)))
     spans.sort()
-    for (s1, e1, _), (s2, _, _) in zip(spans, spans[1:]):
+    for (s1, e1, _), (s2, _, _) in zip(spans, spans[1:], strict=False):
         if s2 < e1:
             raise record.error(f"spans [{s1}, {e1}) and one starting at {s2} overlap", "spans",
                                fix="BIO tagging needs non-overlapping spans; keep one of them")

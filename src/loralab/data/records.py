@@ -61,7 +61,8 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None, delimi
     elif suffix in (".csv", ".tsv", ".parquet"):
         rows = _read_table(path, suffix, delimiter)
     else:
-        raise LoralabError(f"unsupported file type {suffix!r}", file=file, fix="use .json, .jsonl, .csv, .tsv or .parquet")
+        raise LoralabError(f"unsupported file type {suffix!r}", file=file,
+                           fix="use .json, .jsonl, .csv, .tsv or .parquet")
     if not rows:
         raise LoralabError("the data file holds no records", file=file)
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
@@ -108,6 +109,7 @@ def _read_table(path: Path, suffix: str, delimiter: str | None) -> list[tuple[di
             table = datasets.load_dataset("csv", data_files=str(path), split="train", sep=sep,
                                           quoting=3 if sep == "\t" else 0, keep_default_na=False)
     except Exception as e:  # pandas/arrow errors carry the detail; name the file
-        raise LoralabError(f"cannot read the table: {e}", file=str(path), fix="check the delimiter and quoting") from None
+        raise LoralabError(f"cannot read the table: {e}", file=str(path),
+                           fix="check the delimiter and quoting") from None
     offset = 1 if suffix == ".parquet" else 2  # csv: line 1 is the header
     return [(row, i + offset) for i, row in enumerate(table)]
