@@ -1,0 +1,139 @@
+"""`loralab train` end to end on tiny models, one run per task, through the CLI entry point."""
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from loralab.cli import USER_ERROR, main
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_config(path, **sections):
+    path.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    return path
+
+
+def run(config_path, *overrides):
+    return main(["train", str(config_path), *overrides])
+
+
+def read_report(run_dir):
+    return json.loads((run_dir / "report.json").read_text())
+
+
+SENTIMENT = [("good great fine", "positive"), ("bad awful poor", "negative"), ("great good", "positive"),
+             ("awful bad", "negative"), ("fine great", "positive"), ("poor awful", "negative")]
+
+
+def test_classification_learns_trains_the_fresh_head_and_writes_everything(tmp_path, model_dirs):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 4])
+    config = write_config(tmp_path / "run.yaml", name="cls", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, lora={"r": 4, "alpha": 8},
+                          data={"train": str(data), "validation": str(data), "max_length": 16},
+                          train={"epochs": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1})
+    assert run(config) == 0
+    run_dir = tmp_path / "runs" / "cls"
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "report.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    report = read_report(run_dir)
+    assert report["fresh_modules"] == ["classifier"]  # missing from the checkpoint, so trained in full
+    assert any("classifier" in k for k in load_file(run_dir / "adapter/adapter_model.safetensors"))
+    evals = report["evaluations"]
+    assert evals[0]["step"] == 0 and evals[-1]["metrics"]["accuracy"] == 1.0
+    assert evals[-1]["metrics"]["loss"] < evals[0]["metrics"]["loss"]
+    assert report["best"]["metric"] == "accuracy" and report["tokens_per_second"] > 0
+    assert report["peak_memory_bytes"] > 0 and report["output_bytes"] > 0 and report["base_model_bytes"] > 0
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]["r"] == 4
+
+
+def test_sft_memorises_answers_with_chat_template(tmp_path, model_dirs):
+    rows = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital."},
+            {"instruction": "Give three tips", "input": "for staying healthy", "output": "Eat well, sleep enough."}]
+    data = write_jsonl(tmp_path / "alpaca.jsonl", rows * 4)
+    config = write_config(tmp_path / "sft.yaml", name="sft", output_dir=str(tmp_path / "runs"), task="sft",
+                          model={"path": str(model_dirs["llama"])},
+                          lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                          data={"train": str(data), "validation": str(data), "max_length": 64},
+                          train={"epochs": 30, "batch_size": 4, "lr": 2e-2, "schedule": "constant",
+                                 "gradient_checkpointing": True})
+    assert run(config) == 0
+    evals = read_report(tmp_path / "runs" / "sft")["evaluations"]
+    assert evals[-1]["metrics"]["loss"] < 0.3 * evals[0]["metrics"]["loss"]
+
+
+def test_generate_classify_learns_labels_by_generation(tmp_path, model_dirs):
+    data = write_jsonl(tmp_path / "complaints.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 2])
+    config = write_config(tmp_path / "gc.yaml", name="gc", output_dir=str(tmp_path / "runs"),
+                          task="generate-classify", model={"path": str(model_dirs["bloom"])},
+                          lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                          data={"train": str(data), "validation": str(data), "max_length": 32},
+                          train={"epochs": 12, "batch_size": 4, "lr": 1e-2, "max_new_tokens": 6})
+    assert run(config) == 0
+    evals = read_report(tmp_path / "runs" / "gc")["evaluations"]
+    assert evals[0]["metrics"]["accuracy"] == 0.0 and evals[-1]["metrics"]["accuracy"] == 1.0
+
+
+def test_tagging_from_spans_learns_entities(tmp_path, model_dirs):
+    rows = [{"text": "Paris is the capital of France", "spans": [[0, 5, "LOC"], [24, 30, "LOC"]]},
+            {"text": "the quick brown fox jumps", "spans": [[16, 19, "ANIMAL"]]},
+            {"text": "hello world from Paris", "spans": [[17, 22, "LOC"]]}]
+    data = write_jsonl(tmp_path / "spans.jsonl", rows * 4)
+    config = write_config(tmp_path / "tag.yaml", name="tag", output_dir=str(tmp_path / "runs"), task="tagging",
+                          model={"path": str(model_dirs["bert"])},
+                          lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                          data={"train": str(data), "validation": str(data), "max_length": 32},
+                          train={"epochs": 30, "batch_size": 4, "lr": 2e-2, "schedule": "constant"})
+    assert run(config) == 0
+    report = read_report(tmp_path / "runs" / "tag")
+    assert report["evaluations"][-1]["metrics"]["f1"] == 1.0
+    assert report["best"]["metric"] == "f1"
+
+
+def test_full_fine_tuning_baseline_writes_a_model(tmp_path, model_dirs):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT])
+    config = write_config(tmp_path / "full.yaml", name="full", output_dir=str(tmp_path / "runs"),
+                          task="classification", method="full", model={"path": str(model_dirs["bert"])},
+                          data={"train": str(data), "validation_fraction": 0.34, "max_length": 16},
+                          train={"epochs": 1, "batch_size": 2, "lr": 1e-3})
+    assert run(config) == 0
+    report = read_report(tmp_path / "runs" / "full")
+    assert (tmp_path / "runs" / "full" / "model" / "model.safetensors").is_file()
+    assert report["data"] == {"train_examples": 4, "validation_examples": 2, "truncated": 0}
+    assert "trainable%: 100.0000" in report["parameters"]
+
+
+def test_overrides_and_resume_of_a_finished_run(tmp_path, model_dirs, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT])
+    config = write_config(tmp_path / "run.yaml", name="r", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, data={"train": str(data)},
+                          train={"epochs": 1, "batch_size": 2})
+    assert run(config, "lora.r=2") == 0
+    assert yaml.safe_load((tmp_path / "runs/r/config.yaml").read_text())["lora"]["r"] == 2
+    adapter = (tmp_path / "runs/r/adapter/adapter_model.safetensors").read_bytes()
+    assert run(config, "lora.r=4") == USER_ERROR  # a different run in the same folder is refused
+    assert "lora.r: 2 -> 4" in capsys.readouterr().err
+    assert (tmp_path / "runs/r/adapter/adapter_model.safetensors").read_bytes() == adapter  # untouched
+    assert run(config, "lora.r=4", "train.overwrite=true") == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.rank=4", "field 'lora.rank': unknown config key (fix: did you mean 'r'?)"),
+    ("train.lr=fast", "field 'train.lr': expected float, got 'fast'"),
+    ("lora.dropout=1.5", "dropout must be in [0, 1)"),
+    ("task=clasification", "did you mean 'classification'?"),
+])
+def test_config_errors_are_one_line_naming_the_key(tmp_path, model_dirs, capsys, override, message):
+    config = write_config(tmp_path / "run.yaml", task="classification", model={"path": str(model_dirs["bert"])},
+                          data={"train": "x.jsonl"})
+    assert run(config, override) == USER_ERROR
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and str(config) in err
