@@ -24,7 +24,7 @@ def model_dirs(tmp_path_factory):
     tokenizer = tiny_tokenizer()
     dirs = {}
     for name, model_type, head in (("llama", "llama", "causal"), ("bloom", "bloom", "causal"),
-                                   ("bert", "bert", "base")):
+                                   ("qwen2", "qwen2", "causal"), ("bert", "bert", "base")):
         model = tiny_model(model_type, head=head, vocab_size=len(tokenizer), initializer_range=0.2)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

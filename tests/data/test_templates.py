@@ -1,7 +1,6 @@
 """The loss mask, token by token: only the assistant's text and its end-of-turn marker are trained."""
 
 import pytest
-from tiny_tokenizer import tiny_tokenizer
 
 from loralab.data.templates import (
     BUILTIN_TEMPLATES,
@@ -13,6 +12,7 @@ from loralab.data.templates import (
     resolve_template,
 )
 from loralab.errors import LoralabError
+from tiny_tokenizer import tiny_tokenizer
 
 TURNS = [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": "What is the capital of France?"},

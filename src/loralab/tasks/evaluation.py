@@ -34,3 +34,24 @@ def loss_sum(loss: torch.Tensor, labels: torch.Tensor, shifted: bool) -> tuple[f
     scored = labels[:, 1:] if shifted else labels
     n = int((scored != -100).sum())
     return loss.item() * n, n
+
+
+def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, device, autocast
+             ) -> list[str]:
+    """Greedy continuations of tokenized prompts (left-padded in batches), decoded and trimmed."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast:
+                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                new = out[:, batch["input_ids"].shape[1]:]
+                answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        model.train(was_training)
+    return answers

@@ -3,14 +3,12 @@ is scored by generating greedily and comparing the answer with the gold label (e
 
 from __future__ import annotations
 
-import torch
-
-from loralab.data.collate import pad_batch
 from loralab.data.formats import resolve_format, to_classification, to_conversation
 from loralab.data.records import Record
-from loralab.data.templates import encode_chat, encode_prompt, resolve_template
+from loralab.data.templates import IGNORE_INDEX, encode_chat, encode_prompt, resolve_template
 from loralab.errors import LoralabError
 from loralab.tasks import TaskData
+from loralab.tasks.evaluation import generate
 from loralab.tasks.metrics import classification_metrics
 from loralab.tasks.sft import evaluate as sft_evaluate
 
@@ -29,50 +27,56 @@ def labelled_turns(record: Record, fmt: str) -> tuple[list[dict], str]:
                        file=record.file, field="data.format")
 
 
+def fit_prompt(prompt: list[int], room: int) -> list[int]:
+    """Shorten a prompt to `room` tokens by cutting its middle: the template's head and the text right before the
+    answer (e.g. "Label :") both survive."""
+    if len(prompt) <= room:
+        return prompt
+    head = room // 4
+    return prompt[:head] + prompt[len(prompt) - (room - head):]
+
+
+def encode_example(tokenizer, template: str, turns: list[dict], max_length: int, record: Record
+                   ) -> tuple[dict, list[int], bool]:
+    """(training example, prompt ids for generation, truncated?). A long text is cut, never the label."""
+    prompt = encode_prompt(tokenizer, template, turns[:-1])
+    full = encode_chat(tokenizer, template, turns, max_length=10**9)
+    answer_ids, answer_labels = full.input_ids[len(prompt):], full.labels[len(prompt):]
+    if full.input_ids[:len(prompt)] != prompt or not answer_ids:
+        raise record.error("the template renders the prompt differently with and without the answer",
+                           "data.template", fix="use a template whose prompt is a prefix of the full text")
+    if len(answer_ids) > max_length // 2:
+        raise record.error(f"the label takes {len(answer_ids)} tokens, over half of max_length={max_length}",
+                           "label", fix="raise data.max_length or shorten the labels")
+    truncated = len(full.input_ids) > max_length
+    prompt = fit_prompt(prompt, max_length - len(answer_ids))
+    example = {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_labels}
+    return example, prompt, truncated
+
+
 def prepare(config, tokenizer, train_records: list[Record], validation_records: list[Record]) -> TaskData:
     fmt = resolve_format(config.data.format, train_records)
     template = resolve_template(tokenizer, config.data.template)
-    data, prompts, gold = {}, [], []
+    data, prompts, gold, truncated = {}, [], [], 0
     for name, records in (("train", train_records), ("validation", validation_records)):
         examples = []
         for record in records:
             turns, label = labelled_turns(record, fmt)
-            encoded = encode_chat(tokenizer, template, turns, config.data.max_length, config.data.train_on_prompt)
-            if encoded.trainable_tokens == 0:
-                raise record.error(f"the prompt fills all {config.data.max_length} tokens: no room for the label",
-                                   "text", fix="raise data.max_length or shorten the text")
-            examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-            if name == "validation":
-                prompts.append({"input_ids": encode_prompt(tokenizer, template, turns[:-1])[-config.data.max_length:]})
+            example, prompt, cut = encode_example(tokenizer, template, turns, config.data.max_length, record)
+            examples.append(example)
+            if name == "train":
+                truncated += cut
+            else:
+                prompts.append({"input_ids": prompt})
                 gold.append(label.strip())
         data[name] = examples
     labels = sorted({labelled_turns(r, fmt)[1].strip() for r in train_records})
-    return TaskData(data["train"], data["validation"], labels,
+    return TaskData(data["train"], data["validation"], labels, stats={"truncated": truncated},
                     extra={"template": template, "prompts": prompts, "gold": gold})
-
-
-def generate_labels(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, device,
-                    autocast) -> list[str]:
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast:
-                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
-                new = out[:, batch["input_ids"].shape[1]:]
-                answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        model.train(was_training)
-    return answers
 
 
 def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:
     loss = sft_evaluate(model, tokenizer, data, config, device, autocast)
-    answers = generate_labels(model, tokenizer, data.extra["prompts"], config.train.eval_batch_size,
-                              config.train.max_new_tokens, device, autocast)
+    answers = generate(model, tokenizer, data.extra["prompts"], config.train.eval_batch_size,
+                       config.train.max_new_tokens, device, autocast)
     return {**loss, **classification_metrics(data.extra["gold"], answers)}

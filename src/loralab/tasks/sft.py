@@ -7,12 +7,13 @@ import math
 
 from loralab.data.formats import resolve_format, to_conversation
 from loralab.data.records import Record
-from loralab.data.templates import encode_chat, resolve_template
+from loralab.data.templates import encode_chat, encode_prompt, resolve_template
 from loralab.tasks import TaskData
-from loralab.tasks.evaluation import batches, loss_sum
+from loralab.tasks.evaluation import batches, generate, loss_sum
 
 log = logging.getLogger("loralab")
 MAIN_METRIC = "loss"
+SAMPLES = 3  # validation prompts answered before and after training
 
 
 def conversations(config, records: list[Record]) -> list[list[dict]]:
@@ -51,7 +52,18 @@ def prepare(config, tokenizer, train_records: list[Record], validation_records: 
         raise train_records[0].error("no training example keeps any answer token after truncation to "
                                      f"max_length={config.data.max_length}", "data.max_length",
                                      fix="raise data.max_length")
-    return TaskData(train, validation, stats=stats, extra={"template": template})
+    # a few validation prompts answered before and after training, to see what the adapter changed
+    sample_prompts = []
+    if template is not None:
+        for turns in conversations(config, validation_records[:SAMPLES]):
+            last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+            sample_prompts.append({"input_ids": encode_prompt(tokenizer, template, turns[:last])})
+    return TaskData(train, validation, stats=stats, extra={"template": template, "sample_prompts": sample_prompts})
+
+
+def samples(model, tokenizer, data: TaskData, config, device, autocast) -> list[str]:
+    prompts = data.extra.get("sample_prompts", [])
+    return generate(model, tokenizer, prompts, len(prompts) or 1, 64, device, autocast) if prompts else []
 
 
 def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:

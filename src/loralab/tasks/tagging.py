@@ -46,6 +46,12 @@ def tagged_tokens(record: Record, fmt: str, tokenizer, max_length: int) -> tuple
     return encoded["input_ids"], token_tags, len(full["input_ids"]) > max_length
 
 
+def record_tags(record: Record, fmt: str) -> set[str]:
+    if fmt == "tokens":
+        return set(to_tokens(record)[1])
+    return {"O"} | {f"{p}-{label}" for *_, label in to_spans(record)[1] for p in "BI"}
+
+
 def prepare(config, tokenizer, train_records: list[Record], validation_records: list[Record]) -> TaskData:
     fmt = resolve_format(config.data.format, train_records)
     if fmt not in ("tokens", "spans"):
@@ -55,16 +61,21 @@ def prepare(config, tokenizer, train_records: list[Record], validation_records: 
         raise LoralabError("span data needs a fast tokenizer (for character offsets)", field="model.path")
     tagged = {name: [(r, *tagged_tokens(r, fmt, tokenizer, config.data.max_length)) for r in records]
               for name, records in (("train", train_records), ("validation", validation_records))}
-    seen = {t for _, _, tags, _ in tagged["train"] for t in tags if t is not None}
-    labels = list(config.data.labels) if config.data.labels else ["O", *sorted(seen - {"O"})]
+    # the label set comes from the records themselves, not from what survives truncation
+    seen = set().union(*(record_tags(r, fmt) for r in train_records))
+    # every entity type seen gets both its B- and I- tag, so a one-token-only type in training can still be scored
+    types = sorted({t.split("-", 1)[1] for t in seen if "-" in t})
+    other = sorted(t for t in seen if t != "O" and "-" not in t)
+    labels = list(config.data.labels) if config.data.labels else ["O", *other, *(f"{p}-{k}" for k in types
+                                                                                for p in "BI")]
     ids = {label: i for i, label in enumerate(labels)}
     data = {}
     for name, rows in tagged.items():
         examples = []
         for record, input_ids, tags, _ in rows:
-            unknown = next((t for t in tags if t is not None and t not in ids), None)
-            if unknown is not None:
-                raise record.error(f"tag {unknown!r} never occurs in the training data", "tags",
+            unknown = sorted(record_tags(record, fmt) - set(ids))
+            if unknown:
+                raise record.error(f"tag {unknown[0]!r} never occurs in the training data", "tags",
                                    fix="fix the tag, or list every tag in data.labels")
             examples.append({"input_ids": input_ids,
                              "labels": [IGNORE_INDEX if t is None else ids[t] for t in tags]})

@@ -129,6 +129,11 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
     train_records, validation_records = load_data(config)
     data = task.prepare(config, tokenizer, train_records, validation_records)
     model, fresh = setup_model(config, data, device, dtype)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(e["input_ids"]) for e in data.train + data.validation)
+    if positions and longest > positions:
+        raise LoralabError(f"examples are up to {longest} tokens long but the model handles {positions} positions",
+                           field="data.max_length", fix=f"data.max_length={positions}")
     console.print(trainable_parameters_report(model))
     if data.stats.get("truncated"):
         console.print(f"{data.stats['truncated']} training examples were longer than max_length="
@@ -193,6 +198,8 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
 
     if state["step"] == 0 and not state["evaluations"]:
         evaluate(0.0)  # the base model's score, for comparison
+        if hasattr(task, "samples"):
+            state["answers_before"] = task.samples(model, tokenizer, data, config, device, autocast)
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
@@ -289,6 +296,14 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def task_samples(config, model, tokenizer, data, device, dtype) -> list[str]:
+    task = get_task(config.task)
+    if not hasattr(task, "samples"):
+        return []
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return task.samples(model, tokenizer, data, config, device, autocast)
+
+
 def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype,
            console: Console) -> dict:
     """Save the best weights (or the last, without validation) as the run's output, and write the report."""
@@ -301,6 +316,7 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
     else:
         model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    answers_after = task_samples(config, model, tokenizer, data, device, dtype)
     peak, peak_kind = peak_memory_bytes(device)
     model_path = Path(resolve_model_path(config.model.path))
     report = {
@@ -314,6 +330,8 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
         "skipped_steps": state["skipped_steps"], "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "best": state["best"],
         "evaluations": state["evaluations"],
+        "sample_answers": [{"before": b, "after": a} for b, a in
+                           zip(state.get("answers_before", []), answers_after, strict=False)],
     }
     write_report(run_dir, report)
     console.print(f"done: {output} and {run_dir / 'report.md'}")

@@ -71,4 +71,8 @@ def render_markdown(r: dict) -> str:
         for e in evals:
             lines.append(f"| {e['step']} | {e['epoch']:.2f} | "
                          + " | ".join(f"{e['metrics'].get(n, float('nan')):.4f}" for n in names) + " |")
+    if r.get("sample_answers"):
+        lines += ["", "## Validation prompts answered before and after training", ""]
+        for i, pair in enumerate(r["sample_answers"], 1):
+            lines += [f"{i}. before: {pair['before']!r}", f"   after: {pair['after']!r}"]
     return "\n".join(lines) + "\n"
