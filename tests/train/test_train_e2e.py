@@ -91,11 +91,11 @@ def test_tagging_from_spans_learns_entities(tmp_path, model_dirs):
                           model={"path": str(model_dirs["bert"])},
                           lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
                           data={"train": str(data), "validation": str(data), "max_length": 32},
-                          train={"epochs": 30, "batch_size": 4, "lr": 2e-2, "schedule": "constant"})
+                          train={"epochs": 30, "batch_size": 4, "lr": 1e-2})
     assert run(config) == 0
     report = read_report(tmp_path / "runs" / "tag")
-    assert report["evaluations"][-1]["metrics"]["f1"] == 1.0
-    assert report["best"]["metric"] == "f1"
+    assert report["evaluations"][0]["metrics"]["f1"] < 0.5
+    assert report["best"]["metric"] == "f1" and report["best"]["value"] == 1.0  # the saved adapter holds these
 
 
 def test_full_fine_tuning_baseline_writes_a_model(tmp_path, model_dirs):
@@ -137,3 +137,39 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, model_dirs, capsys,
     assert run(config, override) == USER_ERROR
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and str(config) in err
+
+
+@pytest.mark.parametrize("content,where", [
+    ('{"text": "good", "label": "1"}\n{"text": "bad", "label": \n', "train.jsonl:2: malformed JSON"),
+    ('{"text": "good", "label": "1"}\n{"label": "0"}\n', "train.jsonl:2: field 'text': missing field"),
+    ('{"text": "good", "label": "1"}\n{"text": "", "label": "0"}\n', "train.jsonl:2: field 'text': empty field"),
+    ("", "train.jsonl: the data file is empty"),
+])
+def test_bad_training_data_is_one_line_naming_file_line_and_field(tmp_path, model_dirs, capsys, content, where):
+    (tmp_path / "train.jsonl").write_text(content, encoding="utf-8")
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, data={"train": str(tmp_path / "train.jsonl")})
+    assert run(config) == USER_ERROR
+    err = capsys.readouterr().err
+    assert where in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_validation_label_and_debug_traceback(tmp_path, model_dirs, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "good", "label": "positive"},
+                                               {"text": "meh", "label": "neutral"}])
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, data={"train": str(train), "validation": str(dev)})
+    assert run(config) == USER_ERROR
+    err = capsys.readouterr().err
+    assert "dev.jsonl:2: field 'label': label 'neutral' never occurs in the training data" in err
+    assert main(["--debug", "train", str(config)]) == USER_ERROR
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_examples_longer_than_the_model_handles(tmp_path, model_dirs, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "good " * 200, "label": "a"}, {"text": "b", "label": "b"}])
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, data={"train": str(train), "max_length": 512})
+    assert run(config) == USER_ERROR
+    assert "handles 64 positions (fix: data.max_length=64)" in capsys.readouterr().err
