@@ -29,6 +29,12 @@ AUTO_CLASSES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_gguf(config: ModelConfig) -> None:
+    if config.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise LoralabError("reading a GGUF file needs the gguf package", field="model.gguf_file",
+                           fix="pip install gguf")
+
+
 def resolve_model_path(path: str) -> str:
     """`package:<module>/<folder>` -> that folder inside an installed Python package; local folders as they are."""
     if path.startswith("package:"):
@@ -60,6 +66,7 @@ def compute_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(config: ModelConfig, padding_side: str = "right"):
     path = resolve_model_path(config.path)
+    check_gguf(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=config.gguf_file,
                                                   trust_remote_code=config.trust_remote_code)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -173,3 +174,18 @@ def test_examples_longer_than_the_model_handles(tmp_path, model_dirs, capsys):
                           model={"path": str(model_dirs["bert"])}, data={"train": str(train), "max_length": 512})
     assert run(config) == USER_ERROR
     assert "handles 64 positions (fix: data.max_length=64)" in capsys.readouterr().err
+
+
+def test_fp16_keeps_trainable_weights_in_fp32_and_scales_the_loss(tmp_path, model_dirs):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 2])
+    config = write_config(tmp_path / "fp16.yaml", name="fp16", output_dir=str(tmp_path / "runs"),
+                          task="classification", model={"path": str(model_dirs["bert"]), "dtype": "fp16"},
+                          data={"train": str(data), "validation": str(data)},
+                          train={"epochs": 4, "batch_size": 4, "lr": 1e-2})
+    assert run(config) == 0
+    report = read_report(tmp_path / "runs" / "fp16")
+    assert report["dtype"] == "float16" and report["skipped_steps"] == 0
+    evals = report["evaluations"]
+    assert evals[-1]["metrics"]["loss"] < evals[0]["metrics"]["loss"]
+    weights = load_file(tmp_path / "runs/fp16/adapter/adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights: no eps underflow
