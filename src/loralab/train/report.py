@@ -54,7 +54,7 @@ def render_markdown(r: dict) -> str:
     if r.get("fresh_modules"):
         lines.append(f"- initialised fresh (missing from the checkpoint) and trained in full: "
                      f"{', '.join(r['fresh_modules'])}")
-    lines += [f"- time: {r['total_seconds']:.1f} s in all; per epoch: "
+    lines += [f"- time: {r['total_seconds']:.1f} s in optimizer steps; per epoch (evaluation included): "
               f"{', '.join(f'{t:.1f} s' for t in r['epoch_seconds'])}",
               f"- speed: {r['tokens_per_second']:.0f} tokens/s (non-padding tokens), {r['steps']} optimizer steps",
               f"- peak memory: {human_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})",
