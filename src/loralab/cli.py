@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 from loralab.errors import LoralabError
 
@@ -60,6 +62,98 @@ def cmd_train(args) -> None:
     train(config)
 
 
+def _load(args, load_adapters: bool = True):
+    from loralab.infer.load import load_for_inference, parse_adapters
+    from loralab.lora import set_active_adapters
+    from loralab.lora.combine import add_weighted_adapter
+
+    adapters = parse_adapters(args.adapter)
+    loaded = load_for_inference(args.model, adapters, gguf_file=args.gguf_file, dtype=args.dtype,
+                                device=args.device, trust_remote_code=args.trust_remote_code,
+                                load_adapters=load_adapters and not getattr(args, "no_adapter", False))
+    if getattr(args, "combine", None):
+        names, weights = zip(*(item.split("=") for item in args.combine.split(",")), strict=True)
+        add_weighted_adapter(loaded.model, list(names), [float(w) for w in weights], "combined",
+                             args.combination)
+    elif getattr(args, "use", None):
+        set_active_adapters(loaded.model, args.use)
+    return loaded
+
+
+def cmd_chat(args) -> None:
+    from loralab.infer.generate import chat
+
+    chat(_load(args), sys.stdin, sys.stdout, system=args.system, temperature=args.temperature, top_p=args.top_p,
+         max_new_tokens=args.max_new_tokens, template=args.template)
+
+
+def cmd_generate(args) -> None:
+    from loralab.infer.generate import generate_file
+
+    n = generate_file(_load(args), args.input, args.output, batch_size=args.batch_size, temperature=args.temperature,
+                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
+                      system=args.system)
+    print(f"{n} answers written to {args.output}")
+
+
+def _columns(args) -> dict:
+    return dict(item.split("=", 1) for item in args.column or [])
+
+
+def cmd_eval(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loralab.infer.predict import evaluate_file
+
+    metrics = evaluate_file(_load(args), args.data, _columns(args), args.batch_size)
+    table = Table(title=f"{args.data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    Console().print(table)
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_predict(args) -> None:
+    from loralab.infer.predict import predict_file
+
+    n = predict_file(_load(args), args.data, args.output, _columns(args), args.batch_size)
+    print(f"{n} predictions written to {args.output}")
+
+
+def cmd_merge(args) -> None:
+    from loralab.infer.merge import merge_to_folder
+
+    out = merge_to_folder(args.model, args.adapter[0], args.out, gguf_file=args.gguf_file,
+                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+
+
+def _model_args(parser, adapters: str = "*") -> None:
+    parser.add_argument("--model", required=True, help="base model: folder, hub id or package:<module>/<dir>")
+    parser.add_argument("--adapter", action="append", help="adapter folder, or name=folder (repeat for several)",
+                        required=adapters == "1")
+    parser.add_argument("--gguf-file", help="a .gguf file inside --model")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    if adapters != "1":
+        parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--use", help="the adapter to use when several are loaded (default: the first)")
+        parser.add_argument("--combine", help="a weighted combination instead, e.g. sql=0.7,chat=0.3")
+        parser.add_argument("--combination", default="linear", choices=["linear", "cat"])
+
+
+def _generation_args(parser, temperature: float) -> None:
+    parser.add_argument("--system", help="system prompt (default: the one used in training)")
+    parser.add_argument("--template", help="override the chat template (a built-in name or Jinja)")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loralab import __version__
 
@@ -71,6 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. lora.r=16 train.lr=2e-4")
     train.set_defaults(run=cmd_train)
+    chat = verbs.add_parser("chat", help="chat in the terminal with a base model + adapter")
+    _model_args(chat)
+    _generation_args(chat, temperature=0.7)
+    chat.add_argument("--no-adapter", action="store_true", help="answer with the base model, for comparison")
+    chat.set_defaults(run=cmd_chat)
+    gen = verbs.add_parser("generate", help="answer a file of prompts (jsonl/json/csv) into a jsonl file")
+    _model_args(gen)
+    _generation_args(gen, temperature=0.0)
+    gen.add_argument("--input", required=True)
+    gen.add_argument("--output", required=True)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.set_defaults(run=cmd_generate)
+    for verb, helptext, run in (("eval", "the training metrics on a labelled file", cmd_eval),
+                                ("predict", "predictions for a file, as jsonl", cmd_predict)):
+        p = verbs.add_parser(verb, help=helptext)
+        _model_args(p)
+        p.add_argument("--data", required=True)
+        p.add_argument("--output", required=verb == "predict", help="where to write (json metrics / jsonl)")
+        p.add_argument("--column", action="append", help="map a column, e.g. --column text=sentence")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.set_defaults(run=run)
+    merge = verbs.add_parser("merge", help="merge an adapter into the base model: a plain transformers folder")
+    _model_args(merge, adapters="1")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(run=cmd_merge)
     targets = verbs.add_parser("targets", help="list a model's linear layers and the default LoRA targets")
     targets.add_argument("model", help="local model folder or hub id")
     targets.add_argument("--trust-remote-code", action="store_true")

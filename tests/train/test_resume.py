@@ -3,11 +3,11 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_e2e import SENTIMENT, write_config, write_jsonl
 
 import loralab.train.loop as loop
 from loralab.cli import main
 from loralab.train.checkpoint import list_checkpoints
+from run_helpers import SENTIMENT, write_config, write_jsonl
 
 
 class Crash(Exception):

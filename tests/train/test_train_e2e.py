@@ -8,16 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import USER_ERROR, main
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def write_config(path, **sections):
-    path.write_text(yaml.safe_dump(sections), encoding="utf-8")
-    return path
+from run_helpers import SENTIMENT, write_config, write_jsonl
 
 
 def run(config_path, *overrides):
@@ -26,10 +17,6 @@ def run(config_path, *overrides):
 
 def read_report(run_dir):
     return json.loads((run_dir / "report.json").read_text())
-
-
-SENTIMENT = [("good great fine", "positive"), ("bad awful poor", "negative"), ("great good", "positive"),
-             ("awful bad", "negative"), ("fine great", "positive"), ("poor awful", "negative")]
 
 
 def test_classification_learns_trains_the_fresh_head_and_writes_everything(tmp_path, model_dirs):

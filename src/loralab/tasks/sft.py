@@ -17,6 +17,8 @@ SAMPLES = 3  # validation prompts answered before and after training
 
 
 def conversations(config, records: list[Record]) -> list[list[dict]]:
+    if not records:
+        return []
     fmt = resolve_format(config.data.format, records)
     turns = [to_conversation(r, fmt) for r in records]
     if config.data.system and fmt != "text":

@@ -19,6 +19,7 @@ from loralab.config import RunConfig, save_config, to_dict
 from loralab.data.collate import length_grouped_order, pad_batch
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
+from loralab.infer.settings import save_inference_settings
 from loralab.lora import LoraConfig, apply_lora, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
@@ -316,6 +317,7 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
     else:
         model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    save_inference_settings(output, config, data)
     answers_after = task_samples(config, model, tokenizer, data, device, dtype)
     peak, peak_kind = peak_memory_bytes(device)
     model_path = Path(resolve_model_path(config.model.path))

@@ -1,0 +1,144 @@
+"""Text generation with the training template: one conversation (chat) or a file of prompts (batched)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from transformers import TextStreamer
+
+from loralab.data.collate import pad_batch
+from loralab.data.formats import ROLES
+from loralab.data.records import Record, read_records
+from loralab.data.templates import encode_prompt, resolve_template
+from loralab.errors import LoralabError
+from loralab.infer.load import Loaded
+
+
+def chat_template(loaded: Loaded, override: str | None = None) -> str:
+    """The template training used, unless overridden; raw-text adapters fall back to the tokenizer's."""
+    if override:
+        return resolve_template(loaded.tokenizer, override)
+    if loaded.settings.template:
+        return loaded.settings.template
+    if getattr(loaded.tokenizer, "chat_template", None):
+        return loaded.tokenizer.chat_template
+    raise LoralabError("neither the adapter nor the tokenizer has a chat template", field="--template",
+                       fix="pass --template (alpaca, chatml, qwen, llama2, llama3, chatglm3, or a Jinja string)")
+
+
+def sampling(temperature: float, top_p: float, max_new_tokens: int, pad_id: int) -> dict:
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, do_sample=temperature > 0)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    return kwargs
+
+
+def prompt_turns(record: Record, system: str | None) -> list[dict]:
+    """A record's conversation up to the answer: messages (a trailing assistant turn dropped), alpaca
+    instruction [+ input], or a plain prompt / text field."""
+    data = record.data
+    if "messages" in data or "conversations" in data:
+        field = "messages" if "messages" in data else "conversations"
+        turns = []
+        for k, message in enumerate(record.get(field, list)):
+            role = message.get("role", message.get("from")) if isinstance(message, dict) else None
+            content = message.get("content", message.get("value")) if isinstance(message, dict) else None
+            if role not in ROLES or not isinstance(content, str):
+                raise record.error("each message needs a known role and text content", f"{field}[{k}]")
+            turns.append({"role": ROLES[role], "content": content})
+        if turns and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]  # the reference answer, if the file has one
+    elif "instruction" in data:
+        extra = record.get("input", required=False, empty_ok=True)
+        instruction = record.get("instruction")
+        turns = [{"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction}]
+    else:
+        field = "prompt" if "prompt" in data else "text"
+        turns = [{"role": "user", "content": record.get(field)}]
+    if system and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system}, *turns]
+    return turns
+
+
+def generate_file(loaded: Loaded, input_path: str, output_path: str, batch_size: int = 8, temperature: float = 0.0,
+                  top_p: float = 0.9, max_new_tokens: int = 256, template: str | None = None,
+                  system: str | None = None) -> int:
+    """Answer every prompt of `input_path` into `output_path` (jsonl: the record's fields plus "output")."""
+    records = read_records(input_path)
+    jinja = chat_template(loaded, template)
+    system = system or loaded.settings.system
+    prompts = [{"input_ids": encode_prompt(loaded.tokenizer, jinja, prompt_turns(r, system))} for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))  # similar lengths together
+    outputs: dict[int, str] = {}
+    tok = loaded.tokenizer
+    with Progress(transient=True) as progress, torch.no_grad():
+        bar = progress.add_task("generating", total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(loaded.device) for k, v in
+                     pad_batch([prompts[i] for i in chunk], tok.pad_token_id, side="left").items()}
+            with loaded.autocast():
+                out = loaded.model.generate(**batch, **sampling(temperature, top_p, max_new_tokens, tok.pad_token_id))
+            texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs.update({i: t.strip() for i, t in zip(chunk, texts, strict=True)})
+            progress.advance(bar, len(chunk))
+    rows = [{**r.data, "output": outputs[i]} for i, r in enumerate(records)]
+    write_jsonl_atomically(Path(output_path), rows)
+    return len(rows)
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Streamer(TextStreamer):
+    def __init__(self, tokenizer, stream):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+
+def chat(loaded: Loaded, input_stream, output_stream, system: str | None = None, temperature: float = 0.7,
+         top_p: float = 0.9, max_new_tokens: int = 256, template: str | None = None) -> None:
+    """A terminal chat: one line per user turn, the answer streamed as it is generated; /reset, /exit."""
+    jinja = chat_template(loaded, template)
+    system = system or loaded.settings.system
+    history: list[dict] = []
+    tok = loaded.tokenizer
+    output_stream.write("chat: type a message; /reset clears the history, /exit quits\n")
+    while True:
+        output_stream.write("> ")
+        output_stream.flush()
+        line = input_stream.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            output_stream.write("(history cleared)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        turns = ([{"role": "system", "content": system}] if system else []) + history
+        ids = torch.tensor([encode_prompt(tok, jinja, turns)], device=loaded.device)
+        with torch.no_grad(), loaded.autocast():
+            out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        streamer=_Streamer(tok, output_stream),
+                                        **sampling(temperature, top_p, max_new_tokens, tok.pad_token_id))
+        answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": answer})

@@ -1,0 +1,103 @@
+"""Load a base model with zero or more named adapters, ready for inference.
+
+    loaded = load_for_inference("path/to/base", {"sql": "runs/sql/adapter", "chat": "runs/chat/adapter"})
+    set_active_adapters(loaded.model, "chat")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loralab.config import ModelConfig
+from loralab.errors import LoralabError
+from loralab.infer.settings import InferenceSettings, read_inference_settings
+from loralab.lora import load_adapter, set_active_adapters
+from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, pick_device, resolve_model_path
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    settings: InferenceSettings
+    device: torch.device
+    dtype: torch.dtype
+    adapters: list[str] = field(default_factory=list)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def parse_adapters(specs: list[str] | None) -> dict[str, str]:
+    """['name=path', 'path'] -> {'name': 'path', 'default': 'path'} (an unnamed adapter is 'default')."""
+    adapters: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = ("default" if "default" not in adapters else Path(spec).name), spec
+        if name in adapters:
+            raise LoralabError(f"two adapters are named {name!r}", field="--adapter", fix="use name=path")
+        adapters[name] = path
+    return adapters
+
+
+def _head_size(adapter: str) -> int | None:
+    """Number of labels of a classification adapter written without loralab.json (e.g. by PEFT)."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return f.get_slice(key).get_shape()[0]
+    return None
+
+
+def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, gguf_file: str | None = None,
+                       dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                       load_adapters: bool = True) -> Loaded:
+    """The base model (in eval mode) with `adapters` loaded under their names, the first one active.
+    load_adapters=False keeps the base model alone but still reads the first adapter's task and template."""
+    adapters = adapters or {}
+    for name, path in adapters.items():
+        if not Path(path).is_dir():
+            raise LoralabError("adapter folder not found", file=path, field=f"adapter {name}",
+                               fix="point at the adapter/ folder of a run")
+    first = next(iter(adapters.values()), None)
+    settings = read_inference_settings(first) or InferenceSettings()
+    config = ModelConfig(path=model_path, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code)
+    # the tokenizer saved with the adapter is the one training used (pad token and all); else the base model's
+    tokenizer_source = first if first and (Path(first) / "tokenizer_config.json").is_file() else model_path
+    tokenizer_config = ModelConfig(path=tokenizer_source, gguf_file=None if tokenizer_source == first else gguf_file,
+                                   trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_config, padding_side="left")
+    device_ = pick_device(device)
+    dtype_ = compute_dtype(config, device_)
+    kwargs = {}
+    if settings.task in ("classification", "tagging"):
+        labels = settings.labels or [str(i) for i in range(_head_size(first) or 2)]
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={label: i for i, label in enumerate(labels)})
+        settings.labels = labels
+    try:
+        model = AUTO_CLASSES[settings.task].from_pretrained(
+            resolve_model_path(model_path), gguf_file=gguf_file, dtype=dtype_, trust_remote_code=trust_remote_code,
+            **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot load the model: {e}", file=model_path, field="--model",
+                           fix="point at a model folder with config.json and weights, or a hub id") from None
+    if load_adapters:
+        for name, path in adapters.items():
+            load_adapter(model, path, adapter_name=name)
+        if adapters:
+            set_active_adapters(model, next(iter(adapters)))
+    model.to(device_).eval()
+    return Loaded(model, tokenizer, settings, device_, dtype_, list(adapters) if load_adapters else [])

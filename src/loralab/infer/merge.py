@@ -1,0 +1,42 @@
+"""`loralab merge`: fold an adapter into the base weights and write a plain transformers model folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from loralab.errors import LoralabError
+from loralab.infer.load import load_for_inference
+from loralab.lora import merge_and_unload
+from loralab.models import resolve_model_path
+
+
+def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | None = None,
+                    trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Base + adapter merged, saved (safetensors, config, tokenizer) in the base model's dtype. Written to a
+    temporary folder and renamed at the end, so `out` is never left half-written."""
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise LoralabError("the output folder exists and is not empty", file=out, fix="choose another --out or "
+                                                                                       "pass --overwrite")
+    # merged in fp32, then written in the dtype the base checkpoint declares
+    config = AutoConfig.from_pretrained(resolve_model_path(model_path), gguf_file=gguf_file,
+                                        trust_remote_code=trust_remote_code)
+    base_dtype = getattr(config, "dtype", None)
+    loaded = load_for_inference(model_path, {"default": adapter}, gguf_file=gguf_file, dtype="fp32",
+                                device="cpu", trust_remote_code=trust_remote_code)
+    model = merge_and_unload(loaded.model)
+    if isinstance(base_dtype, torch.dtype):
+        model.to(base_dtype)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    loaded.tokenizer.padding_side = "right"
+    loaded.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,45 @@
+"""What inference must repeat from training (task, chat template, labels), kept beside the adapter in loralab.json.
+
+PEFT ignores the file; without it (a PEFT adapter, a plain model) the task comes from the adapter's task_type and
+the template from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SETTINGS_NAME = "loralab.json"
+TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "tagging", "CAUSAL_LM": "sft"}
+
+
+@dataclass
+class InferenceSettings:
+    task: str = "sft"
+    template: str | None = None  # the Jinja source used in training; None: raw text
+    system: str | None = None
+    labels: list[str] | None = None
+    max_length: int = 512
+    max_new_tokens: int = 16
+
+
+def save_inference_settings(folder: Path, config, data) -> None:
+    settings = InferenceSettings(task=config.task, template=data.extra.get("template"), system=config.data.system,
+                                 labels=data.labels, max_length=config.data.max_length,
+                                 max_new_tokens=config.train.max_new_tokens)
+    (folder / SETTINGS_NAME).write_text(json.dumps(asdict(settings), indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+
+
+def read_inference_settings(folder: str | Path | None) -> InferenceSettings | None:
+    if folder is None:
+        return None
+    path = Path(folder) / SETTINGS_NAME
+    if path.is_file():
+        return InferenceSettings(**json.loads(path.read_text(encoding="utf-8")))
+    config = Path(folder) / "adapter_config.json"
+    if config.is_file():
+        task_type = json.loads(config.read_text(encoding="utf-8")).get("task_type")
+        return InferenceSettings(task=TASK_TYPES.get(task_type, "sft"))
+    return None
