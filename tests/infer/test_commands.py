@@ -149,3 +149,16 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == USER_ERROR and expected in err and "Traceback" not in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_no_chat_template_anywhere_is_a_clear_error():
+    from loralab.infer.generate import chat_template
+    from loralab.infer.load import Loaded
+    from loralab.infer.settings import InferenceSettings
+    from tiny_tokenizer import tiny_tokenizer
+
+    loaded = Loaded(model=None, tokenizer=tiny_tokenizer(chat_template=None), settings=InferenceSettings(),
+                    device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(Exception, match="neither the adapter nor the tokenizer has a chat template"):
+        chat_template(loaded)
+    assert "### Instruction" in chat_template(loaded, "alpaca")
