@@ -17,6 +17,7 @@ EXAMPLES = {
     "chatglm3_advertisegen.yaml": "llama",
     "qwen_huanhuan.yaml": "qwen2",
     "bloom_generate_classify.yaml": "bloom",
+    "seed000_study.yaml": "bert",
 }
 
 

@@ -132,6 +132,41 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {out}")
 
 
+def cmd_sweep(args) -> None:
+    from rich.console import Console
+
+    from loralab.compare import compare
+    from loralab.sweep import run_sweep
+
+    console = Console(stderr=True)
+    run_dirs = run_sweep(args.config, args.grid, args.overrides, console)
+    out = args.out or str(Path(run_dirs[0]).parent / f"{Path(args.config).stem}-comparison")
+    _print_comparison(*compare([str(d) for d in run_dirs], out))
+
+
+def cmd_compare(args) -> None:
+    from loralab.compare import compare
+
+    _print_comparison(*compare(args.runs, args.out))
+
+
+def _print_comparison(rows, out_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loralab.train.report import human_bytes
+
+    table = Table(title="comparison")
+    for column in ("variant", "method", "r", "trainable", "adapter", "s/epoch", "tok/s", "peak mem", "best", "epoch"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["variant"], r["method"], str(r["r"]), f"{r['trainable_params']:,}",
+                      human_bytes(r["adapter_size"]), str(r["epoch_seconds"]), str(r["tokens_per_second"]),
+                      human_bytes(r["peak_memory"]), f"{r['best_metric']} {r['best_value']}", str(r["best_epoch"]))
+    Console(width=160).print(table)
+    print(f"written: {out_dir / 'report.md'}, {out_dir / 'results.csv'} and plots in {out_dir}")
+
+
 def _model_args(parser, adapters: str = "*") -> None:
     parser.add_argument("--model", required=True, help="base model: folder, hub id or package:<module>/<dir>")
     parser.add_argument("--adapter", action="append", help="adapter folder, or name=folder (repeat for several)",
@@ -191,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(run=cmd_merge)
+    sweep = verbs.add_parser("sweep", help="one run per combination of --grid values, then a comparison")
+    sweep.add_argument("config")
+    sweep.add_argument("overrides", nargs="*", help="key=value settings for every variant")
+    sweep.add_argument("--grid", action="append", help="key=v1,v2,... (repeat for more axes)")
+    sweep.add_argument("--out", help="where the comparison goes (default: next to the runs)")
+    sweep.set_defaults(run=cmd_sweep)
+    comp = verbs.add_parser("compare", help="table, csv and plots comparing finished runs")
+    comp.add_argument("runs", nargs="+")
+    comp.add_argument("--out", default="runs/comparison")
+    comp.set_defaults(run=cmd_compare)
     targets = verbs.add_parser("targets", help="list a model's linear layers and the default LoRA targets")
     targets.add_argument("model", help="local model folder or hub id")
     targets.add_argument("--trust-remote-code", action="store_true")

@@ -20,7 +20,7 @@ from loralab.data.collate import length_grouped_order, pad_batch
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
 from loralab.infer.settings import save_inference_settings
-from loralab.lora import LoraConfig, apply_lora, save_adapter, trainable_parameters_report
+from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
@@ -324,6 +324,7 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
     report = {
         "name": config.name, "task": config.task, "method": config.method, "model": config.model.path,
         "parameters": trainable_parameters_report(model), "output": str(output),
+        "trainable_params": count_parameters(model)[0], "all_params": count_parameters(model)[1],
         "output_bytes": sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors"),
         "base_model_bytes": size_on_disk(model_path, config.model.gguf_file),
         "data": {"train_examples": len(data.train), "validation_examples": len(data.validation), **data.stats},
