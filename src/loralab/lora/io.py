@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -119,6 +119,11 @@ def _write_atomically(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
+    except (OSError, SafetensorError) as e:  # disk full, read-only folder, ...
+        tmp.unlink(missing_ok=True)
+        raise LoralabError(f"could not write {target.name} ({getattr(e, 'strerror', None) or e})", file=str(target),
+                           fix="free disk space; the previous file, if any, is intact") from None
+    try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions

@@ -11,8 +11,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from loralab.errors import LoralabError
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -33,15 +36,21 @@ def save_checkpoint(folder: Path, model: nn.Module, state: dict, keep: int) -> P
     target = folder / f"step-{state['step']:08d}"
     tmp = folder / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, tmp / WEIGHTS)
-    torch.save(state, tmp / STATE)
-    _fsync_tree(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    _fsync_tree(folder)
+    try:
+        tmp.mkdir()
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        _fsync_tree(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        _fsync_tree(folder)
+    except (OSError, SafetensorError) as e:  # disk full, read-only folder, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LoralabError(f"could not write the checkpoint ({getattr(e, 'strerror', None) or e})", file=str(target),
+                           fix="free disk space; earlier checkpoints are intact: rerun the same command to resume"
+                           ) from None
     protected = {state.get("best_checkpoint")}
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         if old.name not in protected:
