@@ -25,7 +25,7 @@ def test_grid_expansion_runs_full_fine_tuning_once():
     assert {"lora.r": 8, "method": "lora", "train.lr": "1e-3"} in found
 
 
-def test_sweep_runs_each_variant_skips_finished_ones_and_compares(tmp_path, model_dirs, capsys):
+def test_sweep_runs_each_variant_skips_finished_ones_and_compares(tmp_path, model_dirs, capfd):
     config = study(tmp_path, model_dirs)
     args = ["sweep", str(config), "--grid", "lora.r=2,4", "--grid", "method,train.lr=full:1e-3,lora:1e-2",
             "--out", str(tmp_path / "cmp")]
@@ -41,10 +41,10 @@ def test_sweep_runs_each_variant_skips_finished_ones_and_compares(tmp_path, mode
         assert (tmp_path / "cmp" / plot).read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| study-r2-lora-lr1e-2 | lora | 2 |" in report and "![curves.png](curves.png)" in report
-    capsys.readouterr()
+    capfd.readouterr()
     (tmp_path / "runs" / "study-r4-lora-lr1e-2" / "report.json").unlink()  # as if interrupted at the very end
     assert main(args) == 0
-    out = capsys.readouterr().err
+    out = capfd.readouterr().err  # variants run as subprocesses: read the file descriptors
     assert out.count("finished earlier, skipped") == 2 and "resuming" in out
 
 

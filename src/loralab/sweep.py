@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -62,18 +64,18 @@ def variant_name(base: str, variant: dict) -> str:
     return "-".join([base, *parts]).replace("/", "_").replace(" ", "")
 
 
-def plan(config_path: str, grid: list[str], overrides: list[str]) -> list[RunConfig]:
-    """All variant configs, checked before any of them runs (a bad grid key fails here, naming the key)."""
+def plan(config_path: str, grid: list[str], overrides: list[str]) -> list[tuple[RunConfig, list[str]]]:
+    """All variants as (config, overrides that make it), checked before any runs (a bad grid key fails here)."""
     base = load_config(config_path, overrides)
-    configs = []
+    planned = []
     for variant in variants(parse_grid(grid)):
-        extra = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in variant.items()]
+        extra = [*overrides, *(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in variant.items()),
+                 f"name={variant_name(base.name, variant)}"]
         try:
-            config = load_config(config_path, [*overrides, *extra, f"name={variant_name(base.name, variant)}"])
+            planned.append((load_config(config_path, extra), extra))
         except LoralabError as e:
             raise LoralabError(f"grid: {e.message}", field=e.field, fix=e.fix, file="--grid") from None
-        configs.append(config)
-    return configs
+    return planned
 
 
 def is_finished(config: RunConfig) -> bool:
@@ -88,14 +90,17 @@ def is_finished(config: RunConfig) -> bool:
 
 
 def run_sweep(config_path: str, grid: list[str], overrides: list[str], console) -> list[Path]:
-    from loralab.train.loop import train
-
-    configs = plan(config_path, grid, overrides)
-    console.print(f"sweep: {len(configs)} variants: {', '.join(c.name for c in configs)}")
-    for i, config in enumerate(configs, 1):
+    """Each variant runs as its own `loralab train` process: peak memory is then each run's own, and a crash
+    in one variant leaves the finished ones in place."""
+    planned = plan(config_path, grid, overrides)
+    console.print(f"sweep: {len(planned)} variants: {', '.join(c.name for c, _ in planned)}")
+    for i, (config, extra) in enumerate(planned, 1):
         if is_finished(config):
-            console.print(f"[{i}/{len(configs)}] {config.name}: finished earlier, skipped")
+            console.print(f"[{i}/{len(planned)}] {config.name}: finished earlier, skipped")
             continue
-        console.print(f"[{i}/{len(configs)}] {config.name}")
-        train(config, console)
-    return [c.run_dir for c in configs]
+        console.print(f"[{i}/{len(planned)}] {config.name}")
+        code = subprocess.call([sys.executable, "-m", "loralab", "train", config_path, *extra])
+        if code != 0:
+            raise LoralabError(f"variant {config.name} stopped with exit code {code}", file=str(config.run_dir),
+                               fix="see its message above; finished variants are kept, rerun the sweep to go on")
+    return [c.run_dir for c, _ in planned]

@@ -125,6 +125,8 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     dtype = compute_dtype(config.model, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's in the same process
     task = get_task(config.task)
     tokenizer = load_tokenizer(config.model)
     train_records, validation_records = load_data(config)
