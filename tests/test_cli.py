@@ -15,3 +15,15 @@ def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
     assert main(["targets", str(tmp_path / "missing")]) == USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_crashes_exit_with_their_own_code_and_traceback(monkeypatch, capsys):
+    from loralab import cli
+
+    def boom(args):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "cmd_targets", boom)
+    assert main(["targets", "x"]) == cli.CRASH != USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "kaboom" in err and "not bad input" in err

@@ -262,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (rerun the same command to resume a training run)", file=sys.stderr)
         return 130
+    except Exception:  # not the user's fault: show everything, and say so
+        traceback.print_exc()
+        print("error: loralab crashed (a bug or an environment failure, not bad input); checkpoints written so far "
+              "are intact", file=sys.stderr)
+        return CRASH
     return 0
 
 

@@ -40,9 +40,13 @@ class DataConfig:
     system: str | None = None  # default system prompt for chat templates
     max_length: int = 512
     train_on_prompt: bool = False
-    labels: list[str] | None = None  # the label set, in order; default: sorted labels seen in training
+    labels: list[str | int] | None = None  # the label set, in order; default: sorted labels seen in training
     limit: int | None = None  # use only the first N training records
     delimiter: str | None = None  # csv/tsv column separator; default from the extension
+
+    def __post_init__(self):
+        if self.labels is not None:
+            self.labels = [str(label) for label in self.labels]  # labels: [0, 1] in YAML means "0", "1"
 
 
 @dataclass
