@@ -192,3 +192,21 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path):
     saved(tmp_path, "llama", r=2)
     model = load_adapter(tiny_model("llama"), tmp_path)
     assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
+
+
+def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import loralab.lora.io as io
+
+    saved(tmp_path, "llama", r=4)
+    before = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(LoralabError, match="No space left on device"):
+        save_adapter(trained_loralab_model("llama", dict(r=2)), tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary file left
