@@ -88,6 +88,7 @@ def make_plots(runs: list[dict], out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = []
     metric = next((r["report"]["best"]["metric"] for r in runs if r["report"].get("best")), None)
@@ -128,7 +129,10 @@ def make_plots(runs: list[dict], out_dir: Path) -> list[str]:
         axes[0].set(title=f"best {metric} vs rank", xlabel="r", ylabel=metric, xscale="log", xticks=ranks)
         axes[1].set(title=f"peak memory vs rank ({lora[0]['report']['peak_memory_kind']})", xlabel="r",
                     ylabel="MiB", xscale="log", xticks=ranks)
+        top = max(memory + [r["report"]["peak_memory_bytes"] / 2**20 for r in full])
+        axes[1].set_ylim(0, top * 1.15)  # memory from zero, so differences are not exaggerated
         for ax in axes:
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xticklabels([str(r) for r in ranks])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
