@@ -10,8 +10,8 @@ from loralab.train.checkpoint import list_checkpoints
 from run_helpers import SENTIMENT, write_config, write_jsonl
 
 
-class Crash(Exception):
-    pass
+class Crash(BaseException):
+    """An abrupt stop (like a kill): not an error the CLI would catch and report."""
 
 
 def config_for(tmp_path, model_dirs, name):
