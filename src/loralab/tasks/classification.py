@@ -61,11 +61,3 @@ def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict
         s, n = loss_sum(output.loss, batch["labels"], shifted=False)
         total, count = total + s, count + n
     return {"loss": total / max(count, 1), **classification_metrics(gold, predicted)}
-
-
-def predict_labels(model, tokenizer, examples, config, device, autocast, labels: list[str]) -> list[str]:
-    out = []
-    for _, output in batches(model, examples, tokenizer.pad_token_id, config.train.eval_batch_size, device, autocast):
-        out += [labels[i] for i in output.logits.argmax(-1).tolist()]
-    return out
-
