@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -53,6 +55,16 @@ def cmd_train(args) -> None:
     from loralab.demo import DEMO_CONFIG
     from loralab.train.loop import train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # the same command under torchrun: PyTorch's launcher starts the processes and their rendezvous
+        argv = [a for i, a in enumerate(args.argv) if not (a.startswith("--nproc") or
+                                                           (i and args.argv[i - 1] == "--nproc"))]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+                   "-m", "loralab", *argv]
+        code = subprocess.call(command)
+        if code:
+            raise LoralabError(f"the distributed run stopped with exit code {code}", fix="see the messages above")
+        return
     config_file = args.config
     overrides = list(args.overrides)
     if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
@@ -199,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="fine-tune a model from a YAML config (no config: the embedded demo)")
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. lora.r=16 train.lr=2e-4")
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine (data-parallel, torchrun)")
     train.set_defaults(run=cmd_train)
     chat = verbs.add_parser("chat", help="chat in the terminal with a base model + adapter")
     _model_args(chat)
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import transformers
 

@@ -24,6 +24,16 @@ from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter,
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+from loralab.train.distributed import (
+    SINGLE_PROCESS,
+    World,
+    barrier,
+    close_world,
+    device_of,
+    init_world,
+    shard,
+    sum_over_ranks,
+)
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
 
@@ -111,19 +121,35 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
     return model.to(device), fresh
 
 
-def micro_batches(data: TaskData, config: RunConfig, epoch: int) -> list[list[int]]:
+def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = SINGLE_PROCESS) -> list[list[int]]:
+    """This process's micro-batches for an epoch: the same global order on every process (batch_size x processes
+    per global micro-batch), each taking its own part, so N processes follow one process with N times the batch."""
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    order = length_grouped_order([len(e["input_ids"]) for e in data.train], config.train.batch_size, generator)
-    size = config.train.batch_size
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    size = config.train.batch_size * world.size
+    order = length_grouped_order([len(e["input_ids"]) for e in data.train], size, generator)
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    return [shard(b, world) for b in batches if len(b) >= world.size]
 
 
 def train(config: RunConfig, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
-    resuming = prepare_run_dir(config)
+    world = init_world(config.train.device)
+    try:
+        return _train(config, console or Console(stderr=True, quiet=not world.main), world)
+    finally:
+        close_world(world)
+
+
+def _train(config: RunConfig, console: Console, world: World) -> dict:
+    if not world.main:
+        log.setLevel(logging.WARNING)  # one process speaks
+    # the main process decides (and writes) the run folder; the others follow once it has
+    resuming = prepare_run_dir(config) if world.main else False
+    barrier(world)
     run_dir = config.run_dir
+    if not world.main:
+        resuming = bool(list_checkpoints(run_dir / "checkpoints"))
     torch.manual_seed(config.seed)
-    device = pick_device(config.train.device)
+    device = device_of(world, pick_device(config.train.device))
     dtype = compute_dtype(config.model, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's in the same process
@@ -146,14 +172,19 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
                       "truncation and were left out")
 
     t = config.train
-    steps_per_epoch = math.ceil(len(micro_batches(data, config, 0)) / t.grad_accum)
+    steps_per_epoch = math.ceil(len(micro_batches(data, config, 0, world)) / t.grad_accum)
+    # DDP for the forward/backward; `model` stays the plain module for evaluation and saving
+    trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     optimizer = make_optimizer(model, t.lr, t.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, t.warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     best_metric = task.MAIN_METRIC if t.best_metric == "auto" else t.best_metric
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0, "epoch_seconds": [],
+    examples_per_step = t.batch_size * world.size * t.grad_accum
+    state = {"step": 0, "epoch": 0, "batch": 0, "examples_per_step": examples_per_step, "tokens": 0, "seconds": 0.0,
+             "epoch_seconds": [],
              "evaluations": [], "best": None, "best_checkpoint": None, "skipped_steps": 0}
     if resuming:
         last = list_checkpoints(run_dir / "checkpoints")[-1]
@@ -163,13 +194,19 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
         scheduler.load_state_dict(saved.pop("scheduler"))
         scaler.load_state_dict(saved.pop("scaler"))
         torch.set_rng_state(saved.pop("rng"))
+        if saved["batch"] and saved.get("examples_per_step", examples_per_step) != examples_per_step:
+            # another number of processes or batch size: continue after the same examples, in this run's steps
+            saved["batch"] = round(saved["batch"] * saved["examples_per_step"] / examples_per_step)
         state.update(saved)
+        state["examples_per_step"] = examples_per_step
         console.print(f"resuming {run_dir} from {last.name}")
 
-    metrics_log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-    writer = _tensorboard(run_dir) if t.tensorboard else None
+    metrics_log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if world.main else None  # noqa: SIM115
+    writer = _tensorboard(run_dir) if t.tensorboard and world.main else None
 
     def record(entry: dict) -> None:
+        if metrics_log is None:
+            return
         metrics_log.write(json.dumps(entry) + "\n")
         metrics_log.flush()
         if writer:
@@ -178,9 +215,11 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
                     writer.add_scalar(key, value, entry["step"])
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir / "checkpoints", model, {
-            **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, t.keep_checkpoints)
+        if world.main:
+            save_checkpoint(run_dir / "checkpoints", model, {
+                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, t.keep_checkpoints)
+        barrier(world)
 
     def evaluate(epoch_float: float) -> None:
         if not data.validation:
@@ -212,13 +251,19 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
     with progress:
         while state["step"] < total_steps:
             epoch = state["epoch"]
-            batches = micro_batches(data, config, epoch)
+            batches = micro_batches(data, config, epoch, world)
             groups = [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
             epoch_start = time.perf_counter()
+            if state["batch"] >= len(groups):  # resumed at an epoch's very end
+                state["epoch"], state["batch"] = epoch + 1, 0
+                continue
             for group_index in range(state["batch"], len(groups)):
                 step_start = time.perf_counter()
-                loss_value, tokens = train_step(model, [[data.train[i] for i in g] for g in groups[group_index]],
+                loss_value, tokens = train_step(trained, [[data.train[i] for i in g] for g in groups[group_index]],
                                                 tokenizer.pad_token_id, device, autocast, scaler)
+                # every process sees the same mean loss (NaN anywhere skips the step everywhere) and all tokens
+                loss_value, tokens = sum_over_ranks(world, [loss_value, tokens], device)
+                loss_value, tokens = loss_value / world.size, int(tokens)
                 state["batch"] = group_index + 1
                 if not math.isfinite(loss_value):
                     optimizer.zero_grad(set_to_none=True)
@@ -260,21 +305,26 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
                     checkpoint()
                 if done:
                     break
-    metrics_log.close()
+    if metrics_log is not None:
+        metrics_log.close()
     if writer:
         writer.close()
-    return finish(config, model, tokenizer, data, state, fresh, device, dtype, console)
+    report = finish(config, model, tokenizer, data, state, fresh, device, dtype, console) if world.main else {}
+    barrier(world)
+    return report
 
 
 def train_step(model, micro: list[list[dict]], pad_id: int, device, autocast, scaler) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns (mean loss, non-pad tokens)."""
     loss_value, tokens = 0.0, 0
-    for examples in micro:
+    for i, examples in enumerate(micro):
         batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
-        with autocast:
+        # under DDP, gradients are all-reduced only on the step's last micro-batch
+        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+        with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
             loss = model(**batch).loss / len(micro)
-        if torch.isfinite(loss):
-            scaler.scale(loss).backward()
+            if torch.isfinite(loss):
+                scaler.scale(loss).backward()
         loss_value += loss.item()
         tokens += int(batch["attention_mask"].sum())
     return loss_value, tokens

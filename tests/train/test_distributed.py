@@ -1,0 +1,75 @@
+"""Data-parallel training with PyTorch's engine: 2 CPU processes (gloo) under torchrun."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from loralab.cli import main
+from run_helpers import SENTIMENT, write_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny encoder without dropout: random masks differ between processes, so no run could match another."""
+    from tiny_models import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("bert_no_dropout")
+    tokenizer = tiny_tokenizer()
+    tiny_model("bert", head="base", vocab_size=len(tokenizer), initializer_range=0.2, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"bert": folder}
+
+
+def config_for(tmp_path, model_dirs, name, batch_size):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 4])  # 24
+    return write_config(tmp_path / f"{name}.yaml", name=name, output_dir=str(tmp_path / "runs"),
+                        task="classification", model={"path": str(model_dirs["bert"])}, lora={"r": 4},
+                        data={"train": str(data), "validation": str(data)},
+                        train={"epochs": 2, "batch_size": batch_size, "grad_accum": 2, "lr": 1e-2, "log_every": 1,
+                               "checkpoint_every": 2, "keep_checkpoints": 20})
+
+
+def losses(run_dir):
+    return [e["loss"] for e in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in e]
+
+
+def adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def close(a, b, atol):
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def test_two_processes_follow_one_with_twice_the_batch_and_resume(tmp_path, model_dirs):
+    assert main(["train", str(config_for(tmp_path, model_dirs, "one", batch_size=4))]) == 0
+    assert main(["train", str(config_for(tmp_path, model_dirs, "two", batch_size=2)), "--nproc", "2"]) == 0
+    one, two = tmp_path / "runs/one", tmp_path / "runs/two"
+    assert len(losses(one)) == len(losses(two)) == 6  # 24 examples / (4 x 2 accumulated) x 2 epochs
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert close(adapter(two), adapter(one), atol=1e-5)
+    assert json.loads((two / "report.json").read_text())["steps"] == 6
+
+    # resume the 2-process run from its step-2 checkpoint, on 2 processes and on 1: it continues exactly
+    for nproc, out in ((2, "resumed2"), (1, "resumed1")):
+        copy = tmp_path / out / "two"
+        shutil.copytree(two, copy)
+        for path in (copy / "checkpoints").iterdir():
+            if path.name != "step-00000002":
+                shutil.rmtree(path)
+        shutil.rmtree(copy / "adapter")
+        (copy / "report.json").unlink()
+        saved = yaml.safe_load((copy / "config.yaml").read_text())
+        saved["output_dir"] = str(tmp_path / out)
+        if nproc == 1:
+            saved["train"]["batch_size"] = 4  # the same global batch on one process
+        (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+        config = write_config(tmp_path / f"{out}.yaml", **saved)
+        assert main(["train", str(config), "--nproc", str(nproc)]) == 0
+        assert close(adapter(copy), adapter(two), atol=1e-5), nproc
