@@ -29,6 +29,12 @@ def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | No
     loaded = load_for_inference(model_path, {"default": adapter}, gguf_file=gguf_file, dtype="fp32",
                                 device="cpu", trust_remote_code=trust_remote_code)
     model = merge_and_unload(loaded.model)
+    if gguf_file:
+        # transformers dequantised the GGUF weights to floats at load but still marks the model as GGUF-quantized,
+        # which save_pretrained refuses; the merged weights are plain floats, so the mark goes
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if isinstance(base_dtype, torch.dtype):
         model.to(base_dtype)
     tmp = target.with_name(f".{target.name}.tmp")
