@@ -10,12 +10,12 @@ import torch
 from rich.progress import Progress
 from transformers import TextStreamer
 
-from loralab.data.collate import pad_batch
 from loralab.data.formats import ROLES
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt, resolve_template
 from loralab.errors import LoralabError
 from loralab.infer.load import Loaded
+from loralab.tasks.evaluation import generate
 
 
 def chat_template(loaded: Loaded, override: str | None = None) -> str:
@@ -73,19 +73,13 @@ def generate_file(loaded: Loaded, input_path: str, output_path: str, batch_size:
     system = system or loaded.settings.system
     prompts = [{"input_ids": encode_prompt(loaded.tokenizer, jinja, prompt_turns(r, system))} for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))  # similar lengths together
-    outputs: dict[int, str] = {}
     tok = loaded.tokenizer
-    with Progress(transient=True) as progress, torch.no_grad():
+    with Progress(transient=True) as progress:
         bar = progress.add_task("generating", total=len(prompts))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = {k: v.to(loaded.device) for k, v in
-                     pad_batch([prompts[i] for i in chunk], tok.pad_token_id, side="left").items()}
-            with loaded.autocast():
-                out = loaded.model.generate(**batch, **sampling(temperature, top_p, max_new_tokens, tok.pad_token_id))
-            texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            outputs.update({i: t.strip() for i, t in zip(chunk, texts, strict=True)})
-            progress.advance(bar, len(chunk))
+        texts = generate(loaded.model, tok, [prompts[i] for i in order], batch_size, max_new_tokens, loaded.device,
+                         loaded.autocast(), sampling(temperature, top_p, max_new_tokens, tok.pad_token_id),
+                         on_batch=lambda n: progress.advance(bar, n))
+    outputs = dict(zip(order, texts, strict=True))
     rows = [{**r.data, "output": outputs[i]} for i, r in enumerate(records)]
     write_jsonl_atomically(Path(output_path), rows)
     return len(rows)

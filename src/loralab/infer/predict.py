@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from loralab.config import DataConfig, RunConfig, TrainConfig
-from loralab.data.collate import pad_batch
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt
 from loralab.errors import LoralabError
 from loralab.infer.generate import prompt_turns, write_jsonl_atomically
 from loralab.infer.load import Loaded
 from loralab.tasks import get_task
-from loralab.tasks.evaluation import generate
+from loralab.tasks.evaluation import batches, generate
 from loralab.tasks.generate_classify import fit_prompt
 from loralab.tasks.metrics import bio_entities
 
@@ -61,13 +58,10 @@ def predict_file(loaded: Loaded, path: str, output: str, columns: dict | None = 
     return len(records)
 
 
-def _forward(loaded: Loaded, examples: list[dict], batch_size: int):
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(loaded.device) for k, v in
-                     pad_batch(examples[start:start + batch_size], loaded.tokenizer.pad_token_id).items()}
-            with loaded.autocast():
-                yield loaded.model(**batch).logits
+def _logits(loaded: Loaded, examples: list[dict], batch_size: int):
+    for _, output in batches(loaded.model, examples, loaded.tokenizer.pad_token_id, batch_size, loaded.device,
+                             loaded.autocast()):
+        yield output.logits
 
 
 def predict_classes(loaded: Loaded, records: list[Record], config: RunConfig) -> list[str]:
@@ -77,7 +71,7 @@ def predict_classes(loaded: Loaded, records: list[Record], config: RunConfig) ->
         encoded = loaded.tokenizer(r.get("text"), r.get("text_pair", required=False), truncation=True,
                                    max_length=config.data.max_length)
         examples.append({k: v for k, v in encoded.items() if k in ("input_ids", "token_type_ids")})
-    return [labels[i] for logits in _forward(loaded, examples, config.train.eval_batch_size)
+    return [labels[i] for logits in _logits(loaded, examples, config.train.eval_batch_size)
             for i in logits.argmax(-1).tolist()]
 
 
@@ -92,7 +86,7 @@ def predict_tags(loaded: Loaded, records: list[Record], config: RunConfig) -> li
         encoded = [tok(r.get("text"), truncation=True, max_length=config.data.max_length,
                        return_offsets_mapping=True) for r in records]
     examples = [{"input_ids": e["input_ids"]} for e in encoded]
-    rows = [row for logits in _forward(loaded, examples, config.train.eval_batch_size) for row in logits.argmax(-1)]
+    rows = [row for logits in _logits(loaded, examples, config.train.eval_batch_size) for row in logits.argmax(-1)]
     out = []
     for r, e, row in zip(records, encoded, rows, strict=True):
         tags = [labels[i] for i in row.tolist()]

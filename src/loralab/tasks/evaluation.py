@@ -36,11 +36,14 @@ def loss_sum(loss: torch.Tensor, labels: torch.Tensor, shifted: bool) -> tuple[f
     return loss.item() * n, n
 
 
-def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, device, autocast
-             ) -> list[str]:
-    """Greedy continuations of tokenized prompts (left-padded in batches), decoded and trimmed."""
+def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, device, autocast,
+             sampling: dict | None = None, on_batch=None) -> list[str]:
+    """Continuations of tokenized prompts (left-padded in batches), decoded and trimmed; greedy unless `sampling`
+    gives generate() options. on_batch(n) is called after each batch of n prompts (for progress bars)."""
     was_training = model.training
     model.eval()
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+               **(sampling or {})}
     answers = []
     try:
         with torch.no_grad():
@@ -48,10 +51,11 @@ def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tok
                 batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast:
-                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
+                    out = model.generate(**batch, **options)
                 new = out[:, batch["input_ids"].shape[1]:]
                 answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                if on_batch:
+                    on_batch(len(new))
     finally:
         model.train(was_training)
     return answers

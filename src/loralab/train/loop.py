@@ -309,7 +309,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         metrics_log.close()
     if writer:
         writer.close()
-    report = finish(config, model, tokenizer, data, state, fresh, device, dtype, console) if world.main else {}
+    report = finish(config, model, tokenizer, data, state, fresh, device, dtype, autocast, console) \
+        if world.main else {}
     barrier(world)
     return report
 
@@ -349,15 +350,7 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def task_samples(config, model, tokenizer, data, device, dtype) -> list[str]:
-    task = get_task(config.task)
-    if not hasattr(task, "samples"):
-        return []
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    return task.samples(model, tokenizer, data, config, device, autocast)
-
-
-def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype,
+def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype, autocast,
            console: Console) -> dict:
     """Save the best weights (or the last, without validation) as the run's output, and write the report."""
     run_dir = config.run_dir
@@ -370,7 +363,8 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
         model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     save_inference_settings(output, config, data)
-    answers_after = task_samples(config, model, tokenizer, data, device, dtype)
+    task = get_task(config.task)
+    answers_after = task.samples(model, tokenizer, data, config, device, autocast) if hasattr(task, "samples") else []
     peak, peak_kind = peak_memory_bytes(device)
     model_path = Path(resolve_model_path(config.model.path))
     report = {
