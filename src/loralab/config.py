@@ -40,6 +40,7 @@ class DataConfig:
     system: str | None = None  # default system prompt for chat templates
     max_length: int = 512
     train_on_prompt: bool = False
+    packing: bool = False  # sft: several examples per row of max_length tokens, kept apart by position ids
     labels: list[str | int] | None = None  # the label set, in order; default: sorted labels seen in training
     limit: int | None = None  # use only the first N training records
     delimiter: str | None = None  # csv/tsv column separator; default from the extension
@@ -227,6 +228,8 @@ def _check_values(config: RunConfig, file: str | None) -> None:
         ("data.validation_fraction", config.data.validation_fraction, 0 <= config.data.validation_fraction < 1,
          "use e.g. 0.1"),
         ("train.warmup", t.warmup, t.warmup >= 0, "use 0.03 (a fraction) or 100 (steps)"),
+        ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
+         "packing is for task: sft; set data.packing=false"),
     ):
         if not ok:
             raise LoralabError(f"impossible value {value!r}", file=file, field=name, fix=fix)

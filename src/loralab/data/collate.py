@@ -1,4 +1,5 @@
-"""Batching: pad lists of token ids to the longest in the batch (right side for training, left for generation)."""
+"""Batching: pad lists of token ids to the longest in the batch (right side for training, left for generation),
+or pack several examples into each row (sft) so that no compute goes to padding."""
 
 from __future__ import annotations
 
@@ -38,3 +39,45 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
     batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [i for b in shuffled for i in batches[b]]
+
+
+def packed_rows(lengths: list[int], capacity: int, generator: torch.Generator) -> list[list[int]]:
+    """A random grouping of examples into rows of at most `capacity` tokens: shuffle, then first-fit by decreasing
+    length within chunks of 512 examples (rows come out ~full), then shuffle the rows."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    rows: list[list[int]] = []
+    for start in range(0, len(order), 512):
+        chunk_rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(order[start:start + 512], key=lambda i: -lengths[i]):
+            slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            if slot is None:
+                chunk_rows.append([])
+                room.append(capacity)
+                slot = len(room) - 1
+            chunk_rows[slot].append(i)
+            room[slot] -= lengths[i]
+        rows += chunk_rows
+    return [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+
+
+def pack_batch(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of several examples each, concatenated. position_ids restart at 0 for every example, which is how
+    transformers' attention masking tells the examples apart (no attention across them); with no attention_mask
+    given. Each example's first label is ignored, so no example is scored on a token predicted from the one before.
+    Right padding gets its own positions and is never scored."""
+    flat = []
+    for row in rows:
+        ids, labels, positions = [], [], []
+        for e in row:
+            ids += e["input_ids"]
+            labels += [IGNORE_INDEX] + e["labels"][1:]
+            positions += list(range(len(e["input_ids"])))
+        flat.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    longest = max(len(r["input_ids"]) for r in flat)
+    for r in flat:
+        n = longest - len(r["input_ids"])
+        r["input_ids"] += [pad_id] * n
+        r["labels"] += [IGNORE_INDEX] * n
+        r["position_ids"] += list(range(n))
+    return {key: torch.tensor([r[key] for r in flat]) for key in ("input_ids", "labels", "position_ids")}

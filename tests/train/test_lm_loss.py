@@ -1,0 +1,100 @@
+"""The chunked causal-LM loss equals the model's own loss and gradients; packed rows equal unpacked batches."""
+
+import pytest
+import torch
+
+import loralab.train.lm_loss as lm_loss
+from loralab.data.collate import pack_batch, pad_batch
+from loralab.errors import LoralabError
+from loralab.lora import LoraConfig, apply_lora
+from loralab.train.lm_loss import LinearCrossEntropy, causal_lm_loss, check_packing, supports_chunked_loss
+from tiny_models import tiny_model
+
+
+def examples(seed=0, n=5, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + 3 * i
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = 2 + i % 3  # the first tokens are prompt: not scored
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def lora_model(model_type, **kw):
+    model = tiny_model(model_type, head="causal", **kw)
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would hide mistakes in the LoRA path's gradients
+    return model.eval()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_linear_cross_entropy_matches_torch_in_value_and_gradients(monkeypatch):
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 500)  # several chunks of 10 rows
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    ours = LinearCrossEntropy.apply(hidden, weight, targets)
+    (3 * ours).backward()
+    ours_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    (3 * reference).backward()
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert torch.allclose(ours_grads[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(ours_grads[1], weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "bloom"])
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(model_type, monkeypatch):
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 128 * 7)  # 7 rows per chunk: several chunks
+    model = lora_model(model_type)
+    assert supports_chunked_loss(model)
+    batch = pad_batch(examples(), pad_id=0)
+    reference = model(**batch).loss
+    reference.backward()
+    expected = grads(model)
+    model.zero_grad()
+    ours = causal_lm_loss(model, batch)
+    ours.backward()
+    assert abs(ours.item() - reference.item()) < 1e-5
+    for name, grad in grads(model).items():
+        assert torch.allclose(grad, expected[name], atol=1e-5), name
+
+
+def test_models_with_logit_scaling_keep_their_own_loss():
+    model = tiny_model("gemma2", head="causal")
+    assert not supports_chunked_loss(model)
+    batch = pad_batch(examples(), pad_id=0)
+    assert torch.allclose(causal_lm_loss(model, batch), model(**batch).loss)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(model_type):
+    model = lora_model(model_type)
+    data = examples(seed=1, n=6)
+    unpacked = causal_lm_loss(model, pad_batch(data, pad_id=0))
+    unpacked.backward()
+    expected = grads(model)
+    model.zero_grad()
+    rows = [[data[0], data[5]], [data[1], data[2], data[3]], [data[4]]]  # uneven rows: the last is padded
+    batch = pack_batch(rows, pad_id=0)
+    assert batch["position_ids"][1].tolist()[:10] == list(range(9)) + [0]  # data[1] has 9 tokens
+    packed = causal_lm_loss(model, batch)
+    packed.backward()
+    assert abs(packed.item() - unpacked.item()) < 1e-5
+    for name, grad in grads(model).items():
+        assert torch.allclose(grad, expected[name], atol=1e-5), name
+    check_packing(model, "cpu", torch.autocast("cpu", enabled=False))  # passes on a model that keeps rows apart
+
+
+def test_packing_is_refused_for_a_model_whose_attention_crosses_examples():
+    model = lora_model("bloom")  # ALiBi attention ignores position ids
+    with pytest.raises(LoralabError, match="data.packing"):
+        check_packing(model, "cpu", torch.autocast("cpu", enabled=False))
