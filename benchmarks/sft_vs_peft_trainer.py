@@ -56,7 +56,7 @@ def run_config(args, workdir: Path) -> dict:
         "data": {"train": str(workdir / "train.json"), "max_length": args.max_length, "template": "auto"},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
                   "max_grad_norm": 1.0, "log_every": 10, "keep_checkpoints": 1, "device": args.device,
-                  "gradient_checkpointing": args.gradient_checkpointing},
+                  "overwrite": True, "gradient_checkpointing": args.gradient_checkpointing},
     }
 
 

@@ -74,6 +74,48 @@ def cmd_train(args) -> None:
     train(config)
 
 
+def cmd_estimate(args) -> None:
+    """Peak training memory from config.json alone, and the largest batch that fits a budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loralab.config import load_config
+    from loralab.demo import DEMO_CONFIG
+    from loralab.estimate import device_memory, largest_batch_size, parse_bytes, planner
+    from loralab.train.report import human_bytes
+
+    overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
+    config = load_config(args.config, overrides, base=DEMO_CONFIG if args.config is None else None)
+    batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
+    budget = parse_bytes(args.budget) if args.budget else device_memory(config.train.device)
+    variants = {"as configured": config}
+    other = not config.train.gradient_checkpointing
+    variants["with gradient checkpointing" if other else "without gradient checkpointing"] = config.__class__(
+        **{**config.__dict__, "train": config.train.__class__(
+            **{**config.train.__dict__, "gradient_checkpointing": other})})
+    estimates, fits = {}, {}
+    for name, variant in variants.items():
+        with planner(variant) as estimate:
+            estimates[name] = estimate(batch)
+            fits[name] = largest_batch_size(variant, budget, estimate=estimate)
+    table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
+                        f"x {config.data.max_length} tokens, {config.model.dtype}")
+    table.add_column("")
+    for name in estimates:
+        table.add_column(name, justify="right")
+    rows = [("frozen base weights", "base_weights"), ("trainable weights (fp32)", "trainable_weights"),
+            ("gradients (fp32)", "gradients"), ("AdamW states (fp32)", "optimizer"),
+            ("activations and temporaries", "activations"), ("  of which logits / loss buffers", "loss_buffers"),
+            ("total", "total")]
+    for label, key in rows:
+        table.add_row(label, *(human_bytes(getattr(e, key)) for e in estimates.values()))
+    table.add_row(f"largest batch within {human_bytes(budget)}",
+                  *(str(f.batch_size) if f else "none fits" for f in fits.values()))
+    Console().print(table)
+    print(f"trainable parameters: {next(iter(estimates.values())).trainable_weights // 4:,}. Not counted: the "
+          "framework itself (CUDA context or the Python process, roughly 0.3-1 GB).")
+
+
 def _load(args, load_adapters: bool = True):
     from loralab.infer.load import load_for_inference, parse_adapters
     from loralab.lora import set_active_adapters
@@ -213,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. lora.r=16 train.lr=2e-4")
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine (data-parallel, torchrun)")
     train.set_defaults(run=cmd_train)
+    est = verbs.add_parser("estimate", help="predict peak training memory from config.json alone (no weights)")
+    est.add_argument("config", nargs="?", help="YAML config file (none: the demo)")
+    est.add_argument("overrides", nargs="*", help="dotted key=value settings")
+    est.add_argument("--model", help="a model folder or hub id, instead of the config's")
+    est.add_argument("--budget", help="memory to fit, e.g. 24GiB (default: this device's)")
+    est.add_argument("--batch-size", type=int, help="the batch to break down (default: the config's)")
+    est.set_defaults(run=cmd_estimate)
     chat = verbs.add_parser("chat", help="chat in the terminal with a base model + adapter")
     _model_args(chat)
     _generation_args(chat, temperature=0.7)

@@ -54,8 +54,10 @@ class DataConfig:
 class TrainConfig:
     epochs: float = 1
     max_steps: int | None = None
-    batch_size: int = 8
+    batch_size: int | Literal["auto"] = 8  # auto: the largest that fits memory_budget, up to global_batch
     grad_accum: int = 1
+    global_batch: int | None = None  # with batch_size auto: examples per step (grad_accum makes up the rest)
+    memory_budget: str | None = None  # with batch_size auto, e.g. 24GiB; default: the device's memory
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -221,7 +223,9 @@ def _check_values(config: RunConfig, file: str | None) -> None:
     t = config.train
     for name, value, ok, fix in (
         ("train.lr", t.lr, t.lr > 0, "use e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning"),
-        ("train.batch_size", t.batch_size, t.batch_size >= 1, "use 1 or more"),
+        ("train.batch_size", t.batch_size, t.batch_size == "auto" or t.batch_size >= 1, "use 1 or more, or auto"),
+        ("train.global_batch", t.global_batch, t.batch_size != "auto" or (t.global_batch or 0) >= 1,
+         "batch_size: auto needs the examples per step, e.g. train.global_batch=32"),
         ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "use 1 or more"),
         ("train.epochs", t.epochs, t.epochs > 0, "use 1 or more"),
         ("data.max_length", config.data.max_length, config.data.max_length >= 8, "use e.g. 512"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loralab.config import RunConfig, save_config, to_dict
+from loralab.config import RunConfig, load_config, save_config, to_dict
 from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
@@ -55,7 +56,12 @@ def prepare_run_dir(config: RunConfig) -> bool:
             raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
                                fix="choose another name, or train.overwrite=true to replace it")
         else:
-            differences = _differences(yaml.safe_load(saved.read_text(encoding="utf-8")), to_dict(config))
+            old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+            try:  # settings added since that run was saved take their defaults
+                old = to_dict(load_config(saved))
+            except LoralabError:
+                pass
+            differences = _differences(old, to_dict(config))
             if differences:
                 raise LoralabError(f"the output folder holds a different run ({'; '.join(differences[:3])})",
                                    file=str(run_dir), fix="choose another name, or train.overwrite=true")
@@ -111,15 +117,47 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
             lora = LoraConfig(**{**lora.__dict__, "modules_to_save": saved})
             log.info("initialised fresh by the model class and trained in full: %s", ", ".join(fresh))
         apply_lora(model, lora)
-        for p in model.parameters():  # trainable copies in fp32: optimizer updates must not round away
-            if p.requires_grad:
-                p.data = p.data.float()
+        trainable_copies_in_fp32(model)
     if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.method == "lora":
-            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-        model.config.use_cache = False
+        enable_checkpointing(model, config.method)
     return model.to(device), fresh
+
+
+def enable_checkpointing(model, method: str) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "lora":
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    model.config.use_cache = False
+
+
+def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
+    """batch_size: auto -> the largest micro-batch the memory planner fits in the budget (at most global_batch),
+    and the gradient accumulation that keeps global_batch examples per step."""
+    from loralab.estimate import device_memory, largest_batch_size, parse_bytes
+    from loralab.train.report import human_bytes
+
+    t = config.train
+    budget = parse_bytes(t.memory_budget, "train.memory_budget") if t.memory_budget else device_memory(t.device)
+    best = largest_batch_size(config, budget, limit=t.global_batch)
+    if best is None:
+        raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
+                           f"({human_bytes(budget)})", field="train.memory_budget",
+                           fix="train.gradient_checkpointing=true, a lower data.max_length, or a bf16 model.dtype")
+    accum = math.ceil(t.global_batch / best.batch_size)
+    console.print(f"batch size auto: {best.batch_size} x {accum} accumulation steps (estimated peak "
+                  f"{human_bytes(best.total)} of {human_bytes(budget)})")
+    return dataclasses.replace(config, train=dataclasses.replace(t, batch_size=best.batch_size, grad_accum=accum))
+
+
+def trainable_copies_in_fp32(model) -> None:
+    """Optimizer updates to low-precision weights would round away; trainable parameters train in fp32."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = SINGLE_PROCESS
@@ -155,8 +193,10 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     run_dir = config.run_dir
     if not world.main:
         resuming = bool(list_checkpoints(run_dir / "checkpoints"))
-    torch.manual_seed(config.seed)
     device = device_of(world, pick_device(config.train.device))
+    if config.train.batch_size == "auto":
+        config = with_planned_batch(config, console)
+    torch.manual_seed(config.seed)
     dtype = compute_dtype(config.model, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's in the same process

@@ -1,0 +1,197 @@
+"""Memory planner: the peak memory of a training run, predicted from config.json alone (no weights loaded).
+
+    loralab estimate run.yaml --budget 24GiB
+
+The model is built exactly as `loralab train` builds it (dtype, LoRA, trainable copies, gradient checkpointing) but
+from fake tensors, which have shapes and no data. One training step (forward, loss, backward) then runs on them
+while a dispatch hook adds up the bytes of every tensor the step allocates and subtracts those freed, so the
+activation peak comes from the model's own code, whatever the architecture, rather than from a formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import weakref
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import transformers.masking_utils
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoConfig
+
+from loralab.config import RunConfig
+from loralab.errors import LoralabError
+from loralab.lora import apply_lora
+from loralab.models import AUTO_CLASSES, compute_dtype, pick_device, resolve_model_path
+from loralab.train.lm_loss import CHUNK_ELEMENTS, LinearCrossEntropy, supports_chunked_loss
+
+UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "tib": 2**40}
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32, per trainable parameter
+
+
+@dataclass
+class MemoryEstimate:
+    batch_size: int
+    seq_len: int
+    base_weights: int  # frozen parameters as stored (the compute dtype)
+    trainable_weights: int  # trainable parameters (fp32 copies)
+    optimizer: int  # AdamW states
+    step_peak: int  # the most bytes one training step holds at once: gradients, activations, temporaries
+    gradients: int  # part of step_peak: one fp32 gradient per trainable parameter
+    loss_buffers: int  # part of step_peak: logits (or one chunk of them) and their gradient
+
+    @property
+    def activations(self) -> int:
+        return max(self.step_peak - self.gradients, 0)
+
+    @property
+    def total(self) -> int:
+        return self.base_weights + self.trainable_weights + self.optimizer + self.step_peak
+
+
+def parse_bytes(text: str, field: str = "--budget") -> int:
+    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise LoralabError(f"cannot read {text!r} as an amount of memory", field=field, fix="e.g. 24GiB or 80GB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive (allocated under this mode and not yet freed) and their peak."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.sizes: dict[int, int] = {id(t.untyped_storage()): 0 for t in known}  # existing storages cost nothing
+        self.keep = known
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if id(storage) not in self.sizes:
+                    self.sizes[id(storage)] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, id(storage))
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.sizes.pop(key, 0)
+
+
+def _fake_model(config: RunConfig):
+    """The training model of `config`, built from its config.json on fake tensors."""
+    from loralab.train.loop import enable_checkpointing, trainable_copies_in_fp32
+
+    m = config.model
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(m.path), gguf_file=m.gguf_file,
+                                                  trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot read the model's config: {e}", file=m.path, field="model.path",
+                           fix="point at a model folder with config.json, or a hub id") from None
+    dtype = compute_dtype(m, pick_device(config.train.device))
+    if config.task in ("classification", "tagging"):
+        model_config.num_labels = len(config.data.labels or ["0", "1"])
+    model = AUTO_CLASSES[config.task].from_config(model_config, dtype=dtype if config.method == "lora" else
+                                                  torch.float32, trust_remote_code=m.trust_remote_code)
+    if config.method == "full":
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, config.lora)
+        trainable_copies_in_fp32(model)
+    if config.train.gradient_checkpointing:
+        enable_checkpointing(model, config.method)
+    model.train()
+    return model
+
+
+def _step_peak(model, config: RunConfig, batch_size: int, seq_len: int) -> int:
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    known = [*model.parameters(), *model.buffers()]
+    dtype = compute_dtype(config.model, pick_device(config.train.device))
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with LiveBytes(known) as live:
+        with autocast:
+            if config.task in ("sft", "generate-classify") and supports_chunked_loss(model):
+                # every position scored: the worst case of the chunked loss
+                hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+                loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]),
+                                                model.get_output_embeddings().weight, ids[:, 1:].reshape(-1))
+            else:
+                labels = ids[:, 0] if config.task == "classification" else ids
+                loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        del loss
+    return live.peak
+
+
+@contextlib.contextmanager
+def planner(config: RunConfig):
+    """Yields estimate(batch_size) -> MemoryEstimate for rows of data.max_length tokens (the longest batches);
+    the fake model is built once."""
+    # packed-sequence detection reads tensor values, which fake tensors do not have (estimates assume no packing:
+    # a packed row costs what a padded one does)
+    with FakeTensorMode(allow_non_fake_inputs=True), \
+            mock.patch.object(transformers.masking_utils, "find_packed_sequence_indices", lambda _: None):
+        model = _fake_model(config)
+        params = list(model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+        causal = config.task in ("sft", "generate-classify")
+        chunked = causal and supports_chunked_loss(model)
+        vocab = model.get_output_embeddings().weight.shape[0] if causal else 0
+
+        def estimate(batch_size: int) -> MemoryEstimate:
+            peak = _step_peak(model, config, batch_size, config.data.max_length)
+            model.zero_grad(set_to_none=True)
+            tokens = batch_size * config.data.max_length
+            # chunked: one chunk of fp32 logits and its low-precision copy; else logits, fp32 copy, log-softmax, grad
+            loss = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))) * vocab * 6 if chunked else tokens * vocab * 14
+            return MemoryEstimate(batch_size, config.data.max_length, frozen, 4 * trainable,
+                                  trainable * ADAM_STATE_BYTES, peak, 4 * trainable, loss)
+
+        yield estimate
+
+
+def estimate_memory(config: RunConfig, batch_sizes: list[int]) -> list[MemoryEstimate]:
+    with planner(config) as estimate:
+        return [estimate(b) for b in batch_sizes]
+
+
+def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estimate=None) -> MemoryEstimate | None:
+    """The largest micro-batch (≤ limit) whose estimate fits `budget` bytes, or None if even 1 does not. Memory
+    grows about linearly with the batch: two estimates place the answer, a few more confirm it exactly.
+    `estimate`: an open planner(config), to reuse its model."""
+    with contextlib.nullcontext(estimate) if estimate else planner(config) as estimate:
+        one = estimate(1)
+        if one.total > budget:
+            return None
+        if limit == 1:
+            return one
+        probe = estimate(min(8, limit))
+        per_example = max((probe.total - one.total) / (probe.batch_size - 1), 1.0)
+        best = estimate(max(1, min(limit, 1 + int((budget - one.total) / per_example))))
+        while best.total > budget:  # overshot: step down
+            best = estimate(max(1, best.batch_size - max(1, int((best.total - budget) / per_example))))
+        while best.batch_size < limit:  # undershot: step up while the next still fits
+            bigger = estimate(best.batch_size + 1)
+            if bigger.total > budget:
+                break
+            best = bigger
+        return best
+
+
+def device_memory(device: str) -> int:
+    """What the training device offers: a GPU's total memory, or the RAM available now."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,126 @@
+"""The memory planner's prediction against the peak RSS of real training steps, measured in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loralab.config import load_config
+from loralab.errors import LoralabError
+from loralab.estimate import estimate_memory, largest_batch_size, parse_bytes
+from tiny_models import tiny_model
+
+# Measures what the planner predicts: RSS before the model loads, then its peak (VmHWM, reset first) over two
+# optimizer steps on rows of max_length tokens. Large allocations go straight to mmap so that freed memory leaves
+# the RSS at once, as it leaves a GPU allocator's count.
+MEASURE = r"""
+import json, re, sys, torch
+from loralab.config import load_config
+from loralab.train.loop import setup_model
+from loralab.train.lm_loss import TrainingLoss
+from loralab.train.optim import make_optimizer
+from loralab.tasks import TaskData
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) * 1024
+
+config = load_config(None, base=json.loads(sys.argv[1]))
+torch.manual_seed(0)
+ids = torch.randint(3, 1000, (config.train.batch_size, config.data.max_length))
+labels = ids[:, 0] % 2 if config.task == "classification" else ids
+data = TaskData([], [], labels=["0", "1"])
+
+def steps(ids, labels, n=2):
+    model, _ = setup_model(config, data, torch.device("cpu"), torch.float32)
+    model.train()
+    loss_module = TrainingLoss(model, causal=config.task == "sft")
+    optimizer = make_optimizer(model, 1e-4, 0.0)
+    stages = [status("VmRSS")]
+    for _ in range(n):
+        loss_module(input_ids=ids, labels=labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stages
+
+steps(ids[:1, :8], labels[:1] if labels.dim() == 1 else labels[:1, :8], 1)  # imports, thread pools, kernels
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+loaded = steps(ids, labels)[0]
+print(json.dumps({"peak": status("VmHWM") - before, "loaded": loaded - before}))
+"""
+
+
+def measured_peak(config_dict: dict) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config_dict)], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+@pytest.fixture(scope="module")
+def mid_llama(tmp_path_factory):
+    """A llama big enough that activations, not the interpreter, dominate: 8 layers, hidden 512, vocab 16k."""
+    path = tmp_path_factory.mktemp("mid") / "llama"
+    tiny_model("llama", hidden_size=512, num_hidden_layers=8, intermediate_size=1408, vocab_size=16000,
+               num_attention_heads=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mid_bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mid") / "bert"
+    tiny_model("bert", head="base", hidden_size=384, num_hidden_layers=6, intermediate_size=1536, vocab_size=8000,
+               num_attention_heads=6, max_position_embeddings=512).save_pretrained(path)
+    return path
+
+
+def run_config(model_path, task="sft", method="lora", checkpointing=False, batch_size=4, max_length=512):
+    return {"task": task, "method": method, "model": {"path": str(model_path), "dtype": "fp32"},
+            "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"] if task == "sft" else ["query", "value"]},
+            "data": {"train": "unused.json", "max_length": max_length},
+            "train": {"batch_size": batch_size, "gradient_checkpointing": checkpointing, "device": "cpu"}}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure RSS peaks")
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(checkpointing=True),
+    dict(method="full", batch_size=2),
+    dict(task="classification", batch_size=16, max_length=256),
+])
+def test_estimate_is_within_15_percent_of_the_measured_peak(case, mid_llama, mid_bert):
+    model = mid_bert if case.get("task") == "classification" else mid_llama
+    settings = run_config(model, **case)
+    (predicted,) = estimate_memory(load_config(None, base=settings), [settings["train"]["batch_size"]])
+    measured = measured_peak(settings)
+    assert abs(predicted.total - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(mid_llama):
+    plain, checkpointed = (estimate_memory(load_config(None, base=run_config(mid_llama, checkpointing=c)), [4])[0]
+                           for c in (False, True))
+    assert checkpointed.activations < plain.activations / 3
+    assert checkpointed.base_weights == plain.base_weights and checkpointed.gradients == plain.gradients
+    one, two = estimate_memory(load_config(None, base=run_config(mid_llama)), [1, 2])
+    assert two.activations > 1.8 * one.activations
+
+
+def test_largest_batch_size_fits_the_budget_and_the_next_does_not(mid_llama):
+    config = load_config(None, base=run_config(mid_llama))
+    budget = parse_bytes("1.5GiB")
+    best = largest_batch_size(config, budget)
+    assert best.total <= budget
+    (next_one,) = estimate_memory(config, [best.batch_size + 1])
+    assert next_one.total > budget
+    assert largest_batch_size(config, parse_bytes("100MB")) is None
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("80 GB") == 80 * 10**9
+    with pytest.raises(LoralabError, match="24GiB"):
+        parse_bytes("lots")
