@@ -15,6 +15,7 @@ examples, scored by a third process with PEFT, so "same final loss" is checked w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--reuse-peft", action="store_true", help="reuse the PEFT side measured earlier in workdir")
     parser.add_argument("--side", choices=["convert", "peft", "loralab", "score"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gguf_file in ("", "none"):
@@ -214,7 +216,16 @@ def main() -> None:
         if not (workdir / "base" / "config.json").is_file():
             run_side("convert", argv)
         argv += ["--model", str(workdir / "base"), "--gguf-file", "none"]
-    peft_result = run_side("peft", argv)
+    # the peer's run depends on everything but --loralab; --reuse-peft takes it from an earlier run in the same
+    # workdir (said in the output) to compare loralab variants without retraining the peer each time
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("loralab", "reuse_peft", "workdir")})
+    cached = workdir / f"peft_result-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    if args.reuse_peft and cached.is_file() and json.loads(cached.read_text())["key"] == key:
+        peft_result = json.loads(cached.read_text())["result"]
+        print(f"PEFT + Trainer figures reused from {cached}")
+    else:
+        peft_result = run_side("peft", argv)
+        cached.write_text(json.dumps({"key": key, "result": peft_result}))
     loralab_result = run_side("loralab", argv)
     losses = run_side("score", argv)
 

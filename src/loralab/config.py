@@ -64,6 +64,7 @@ class TrainConfig:
     warmup: float = 0.0  # a fraction of all steps (< 1) or a number of steps (>= 1)
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (fuses the small ops; the first steps compile)
     eval_every: int | None = None  # optimizer steps; the run also evaluates after each epoch
     eval_batch_size: int = 32
     best_metric: str = "auto"  # a metric name from the task; auto: the task's main metric
@@ -84,6 +85,8 @@ class RunConfig:
     task: Literal["sft", "classification", "tagging", "generate-classify"] = "sft"
     method: Literal["lora", "full"] = "lora"
     seed: int = 0
+    # several processes (torchrun): ddp replicates the model; fsdp shards the frozen base weights across them (FSDP2)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,6 +235,8 @@ def _check_values(config: RunConfig, file: str | None) -> None:
         ("data.validation_fraction", config.data.validation_fraction, 0 <= config.data.validation_fraction < 1,
          "use e.g. 0.1"),
         ("train.warmup", t.warmup, t.warmup >= 0, "use 0.03 (a fraction) or 100 (steps)"),
+        ("distributed", config.distributed, config.distributed == "ddp" or config.method == "lora",
+         "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
     ):

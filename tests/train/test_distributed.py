@@ -73,3 +73,60 @@ def test_two_processes_follow_one_with_twice_the_batch_and_resume(tmp_path, mode
         config = write_config(tmp_path / f"{out}.yaml", **saved)
         assert main(["train", str(config), "--nproc", str(nproc)]) == 0
         assert close(adapter(copy), adapter(two), atol=1e-5), nproc
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny llama (decoder blocks for FSDP to shard), no dropout anywhere."""
+    from tiny_models import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama_fsdp")
+    tokenizer = tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sft_config(tmp_path, llama_dir, name, batch_size, distributed):
+    rows = [{"instruction": f"Say {w} twice", "input": "", "output": f"{w} {w}"}
+            for w in ("good", "bad", "fine", "great", "poor", "awful")] * 2
+    data = write_jsonl(tmp_path / "train.jsonl", rows)  # 12
+    return write_config(tmp_path / f"{name}.yaml", name=name, output_dir=str(tmp_path / "runs"), task="sft",
+                        distributed=distributed, model={"path": str(llama_dir)},
+                        lora={"r": 4, "target_modules": "all-linear"},
+                        data={"train": str(data), "validation": str(data), "template": "chatml"},
+                        train={"epochs": 2, "batch_size": batch_size, "lr": 1e-2, "log_every": 1,
+                               "checkpoint_every": 1, "keep_checkpoints": 20})
+
+
+def test_fsdp_shards_the_base_and_follows_one_process(tmp_path, llama_dir):
+    assert main(["train", str(sft_config(tmp_path, llama_dir, "one", 4, "ddp"))]) == 0
+    assert main(["train", str(sft_config(tmp_path, llama_dir, "fsdp", 2, "fsdp")), "--nproc", "2"]) == 0
+    one, fsdp = tmp_path / "runs/one", tmp_path / "runs/fsdp"
+    assert len(losses(fsdp)) == len(losses(one)) == 6  # 12 examples / 4 per step x 2 epochs
+    assert losses(fsdp) == pytest.approx(losses(one), abs=1e-5)
+    assert close(adapter(fsdp), adapter(one), atol=1e-5)
+    evaluations = json.loads((fsdp / "report.json").read_text())["evaluations"]
+    reference = json.loads((one / "report.json").read_text())["evaluations"]
+    assert [e["metrics"]["loss"] for e in evaluations] == pytest.approx([e["metrics"]["loss"] for e in reference],
+                                                                        abs=1e-5)
+
+    # resumed from its step-3 checkpoint on 2 processes, it ends where the uninterrupted run ended
+    copy = tmp_path / "resumed" / "fsdp"
+    shutil.copytree(fsdp, copy)
+    for path in (copy / "checkpoints").iterdir():
+        if path.name != "step-00000003":
+            shutil.rmtree(path)
+    shutil.rmtree(copy / "adapter")
+    (copy / "report.json").unlink()
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["output_dir"] = str(tmp_path / "resumed")
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", str(write_config(tmp_path / "resumed.yaml", **saved)), "--nproc", "2"]) == 0
+    assert close(adapter(copy), adapter(fsdp), atol=1e-5)
+
+
+def test_fsdp_is_for_lora_runs(tmp_path, llama_dir):
+    config = sft_config(tmp_path, llama_dir, "full", 2, "fsdp")
+    assert main(["train", str(config), "method=full"]) == 2

@@ -28,12 +28,15 @@ from loralab.train.checkpoint import list_checkpoints, load_state, load_weights,
 from loralab.train.distributed import (
     SINGLE_PROCESS,
     World,
+    average_gradients,
     barrier,
     close_world,
     device_of,
     init_world,
     shard,
+    shard_frozen_base,
     sum_over_ranks,
+    whole_root,
 )
 from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
@@ -120,7 +123,20 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         trainable_copies_in_fp32(model)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method)
+    if config.train.compile:
+        compile_blocks(model)
     return model.to(device), fresh
+
+
+def compile_blocks(model) -> None:
+    """torch.compile per transformer block (the model's `_no_split_modules`): the blocks repeat, so one compiled
+    graph serves them all and compiling takes seconds, not minutes; the whole model where no block is named."""
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    compiled = [m for m in model.modules() if type(m).__name__ in blocks]
+    for module in compiled:
+        module.compile(dynamic=True)  # batches change length
+    if not compiled:
+        model.compile(dynamic=True)
 
 
 def enable_checkpointing(model, method: str) -> None:
@@ -204,7 +220,9 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_records, validation_records = load_data(config)
     data = task.prepare(config, tokenizer, train_records, validation_records)
-    model, fresh = setup_model(config, data, device, dtype)
+    # fsdp: the model loads on the CPU and fully_shard moves each process's part to its device
+    fsdp = world.size > 1 and config.distributed == "fsdp"
+    model, fresh = setup_model(config, data, torch.device("cpu") if fsdp else device, dtype)
     positions = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(e["input_ids"]) for e in data.train + data.validation)
     if positions and longest > positions:
@@ -221,8 +239,12 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     t = config.train
     steps_per_epoch = math.ceil(len(micro_batches(data, config, 0, world)) / t.grad_accum)
     # the loss module (DDP-wrapped on several processes) trains; `model` stays the plain module for evaluation
-    trained = TrainingLoss(model, causal=config.task in ("sft", "generate-classify"))
-    if world.size > 1:
+    causal = config.task in ("sft", "generate-classify")
+    trained = TrainingLoss(model, causal=causal)
+    replicated = []  # under fsdp: the trainable weights, whose gradients are averaged by hand
+    if world.size > 1 and config.distributed == "fsdp":
+        replicated = shard_frozen_base(trained, model, device, world)
+    elif world.size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             trained, device_ids=[device.index] if device.type == "cuda" else None)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
@@ -275,7 +297,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     def evaluate(epoch_float: float) -> None:
         if not data.validation:
             return
-        metrics = task.evaluate(model, tokenizer, data, config, device, autocast)
+        with whole_root(trained):
+            metrics = task.evaluate(model, tokenizer, data, config, device, autocast)
         if best_metric not in metrics:
             raise LoralabError(f"unknown metric {best_metric!r}", field="train.best_metric",
                                fix=f"use one of {', '.join(metrics)}")
@@ -292,7 +315,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     if state["step"] == 0 and not state["evaluations"]:
         evaluate(0.0)  # the base model's score, for comparison
         if hasattr(task, "samples"):
-            state["answers_before"] = task.samples(model, tokenizer, data, config, device, autocast)
+            with whole_root(trained):
+                state["answers_before"] = task.samples(model, tokenizer, data, config, device, autocast)
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
@@ -311,7 +335,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
             for group_index in range(state["batch"], len(groups)):
                 step_start = time.perf_counter()
                 micro = [[[data.train[i] for i in row] for row in rows] for rows in groups[group_index]]
-                loss_value, tokens = train_step(trained, micro, tokenizer.pad_token_id, device, autocast, scaler)
+                loss_value, tokens = train_step(trained, micro, tokenizer.pad_token_id, device, autocast, scaler,
+                                                world, causal)
                 # every process sees the same mean loss (NaN anywhere skips the step everywhere) and all tokens
                 loss_value, tokens = sum_over_ranks(world, [loss_value, tokens], device)
                 loss_value, tokens = loss_value / world.size, int(tokens)
@@ -326,6 +351,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                                            fix="lower train.lr, or use model.dtype=bf16 or fp32 instead of fp16")
                     continue
                 state["bad_in_a_row"] = 0
+                average_gradients(replicated, world)
                 optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
                 state["step"] += 1
                 state["tokens"] += tokens
@@ -360,30 +386,55 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         metrics_log.close()
     if writer:
         writer.close()
-    report = finish(config, model, tokenizer, data, state, fresh, device, dtype, autocast, console) \
+    run_dir = config.run_dir
+    if state["best_checkpoint"] and (run_dir / "checkpoints" / state["best_checkpoint"]).is_dir():
+        load_weights(run_dir / "checkpoints" / state["best_checkpoint"], model)  # the run's output: the best
+    task = get_task(config.task)
+    answers_after = []
+    if hasattr(task, "samples"):
+        with whole_root(trained):  # every process takes part under fsdp
+            answers_after = task.samples(model, tokenizer, data, config, device, autocast)
+    report = finish(config, model, tokenizer, data, state, fresh, device, dtype, answers_after, console) \
         if world.main else {}
     barrier(world)
     return report
 
 
-def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, autocast, scaler
-               ) -> tuple[float, int]:
-    """Forward and backward over the micro-batches (lists of rows of examples) of one optimizer step; returns
-    (mean loss, non-pad tokens)."""
-    loss_value, tokens = 0.0, 0
-    for i, rows in enumerate(micro):
+def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, autocast, scaler,
+               world: World = SINGLE_PROCESS, causal: bool = False) -> tuple[float, int]:
+    """Forward and backward over the micro-batches (lists of rows of examples) of one optimizer step, on every
+    process; returns (this process's share of the step's mean loss, its non-pad tokens).
+
+    The step's loss is the mean over every scored item (token, or example) of the global batch, as one process
+    with the whole batch computes it: each micro-batch's mean is weighted by its share of the items, counted
+    over all micro-batches and processes (data-parallel averaging divides by the process count, hence the
+    factor)."""
+    batches = []
+    for rows in micro:
         packed = any(len(row) > 1 for row in rows)
         batch = pack_batch(rows, pad_id) if packed else pad_batch([row[0] for row in rows], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    counts = [scored_items(b["labels"], causal) for b in batches]
+    (total,) = sum_over_ranks(world, [float(sum(counts))], device)
+    loss_value, tokens = 0.0, 0
+    for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # under DDP, gradients are all-reduced only on the step's last micro-batch
-        sync = i == len(micro) - 1 or not hasattr(loss_module, "no_sync")
+        sync = i == len(batches) - 1 or not hasattr(loss_module, "no_sync")
         with autocast, (contextlib.nullcontext() if sync else loss_module.no_sync()):
-            loss = loss_module(**batch) / len(micro)
+            loss = loss_module(**batch) * (count * world.size / max(total, 1.0))
             if torch.isfinite(loss):
                 scaler.scale(loss).backward()
         loss_value += loss.item()
-        tokens += sum(len(e["input_ids"]) for row in rows for e in row)
+    tokens = sum(len(e["input_ids"]) for rows in micro for row in rows for e in row)
     return loss_value, tokens
+
+
+def scored_items(labels: torch.Tensor, causal: bool) -> int:
+    """How many items a batch's mean loss averages over: examples (one label each), or labelled tokens (a causal
+    LM's first label predicts nothing)."""
+    if labels.dim() == 1:
+        return labels.numel()
+    return int(((labels[:, 1:] if causal else labels) != -100).sum())
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float | None) -> None:
@@ -405,12 +456,11 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype, autocast,
-           console: Console) -> dict:
-    """Save the best weights (or the last, without validation) as the run's output, and write the report."""
+def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fresh: list[str], device, dtype,
+           answers_after: list[str], console: Console) -> dict:
+    """Save the model's weights (the best, loaded by the caller, or the last) as the run's output, and write the
+    report."""
     run_dir = config.run_dir
-    if state["best_checkpoint"] and (run_dir / "checkpoints" / state["best_checkpoint"]).is_dir():
-        load_weights(run_dir / "checkpoints" / state["best_checkpoint"], model)
     output = run_dir / ("adapter" if config.method == "lora" else "model")
     if config.method == "lora":
         save_adapter(model, output)
@@ -418,8 +468,6 @@ def finish(config: RunConfig, model, tokenizer, data: TaskData, state: dict, fre
         model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     save_inference_settings(output, config, data)
-    task = get_task(config.task)
-    answers_after = task.samples(model, tokenizer, data, config, device, autocast) if hasattr(task, "samples") else []
     peak, peak_kind = peak_memory_bytes(device)
     model_path = Path(resolve_model_path(config.model.path))
     report = {
