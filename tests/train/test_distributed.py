@@ -130,3 +130,24 @@ def test_fsdp_shards_the_base_and_follows_one_process(tmp_path, llama_dir):
 def test_fsdp_is_for_lora_runs(tmp_path, llama_dir):
     config = sft_config(tmp_path, llama_dir, "full", 2, "fsdp")
     assert main(["train", str(config), "method=full"]) == 2
+
+
+def test_a_resumed_run_with_dropout_continues_each_process_random_stream(tmp_path, llama_dir):
+    config = yaml.safe_load(sft_config(tmp_path, llama_dir, "dropout", 2, "ddp").read_text())
+    config["lora"]["dropout"] = 0.3  # different masks on each process: resuming must restore both streams
+    path = write_config(tmp_path / "dropout.yaml", **config)
+    assert main(["train", str(path), "--nproc", "2"]) == 0
+    run_dir = tmp_path / "runs" / "dropout"
+    copy = tmp_path / "resumed" / "dropout"
+    shutil.copytree(run_dir, copy)
+    for checkpoint in (copy / "checkpoints").iterdir():
+        if checkpoint.name != "step-00000002":
+            shutil.rmtree(checkpoint)
+    shutil.rmtree(copy / "adapter")
+    (copy / "report.json").unlink()
+    (copy / "metrics.jsonl").write_text("")
+    config["output_dir"] = str(tmp_path / "resumed")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(write_config(tmp_path / "resumed.yaml", **config)), "--nproc", "2"]) == 0
+    assert close(adapter(copy), adapter(run_dir), atol=1e-6)
+    assert losses(copy) == pytest.approx(losses(run_dir)[2:], abs=1e-6)

@@ -65,6 +65,15 @@ def sum_over_ranks(world: World, values: list[float], device: torch.device) -> l
     return tensor.tolist()
 
 
+def gather_objects(world: World, obj) -> list:
+    """Every process's `obj`, in rank order, on every process."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard(batch: list[int], world: World) -> list[int]:
     """This rank's contiguous part of a global batch (sizes differ by at most one)."""
     size, extra = divmod(len(batch), world.size)

@@ -32,6 +32,7 @@ from loralab.train.distributed import (
     barrier,
     close_world,
     device_of,
+    gather_objects,
     init_world,
     shard,
     shard_frozen_base,
@@ -169,6 +170,20 @@ def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
     return dataclasses.replace(config, train=dataclasses.replace(t, batch_size=best.batch_size, grad_accum=accum))
 
 
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(saved, world: World, device: torch.device) -> None:
+    """Each process continues its own random stream; on another number of processes (or from a checkpoint that
+    kept one stream) every process takes the first process's stream."""
+    states = saved if isinstance(saved, list) else [{"cpu": saved, "cuda": None}]
+    state = states[world.rank] if len(states) == world.size else states[0]
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def trainable_copies_in_fp32(model) -> None:
     """Optimizer updates to low-precision weights would round away; trainable parameters train in fp32."""
     for p in model.parameters():
@@ -266,7 +281,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         optimizer.load_state_dict(saved.pop("optimizer"))
         scheduler.load_state_dict(saved.pop("scheduler"))
         scaler.load_state_dict(saved.pop("scaler"))
-        torch.set_rng_state(saved.pop("rng"))
+        restore_rng(saved.pop("rng"), world, device)
         if saved["batch"] and saved.get("examples_per_step", examples_per_step) != examples_per_step:
             # another number of processes or batch size: continue after the same examples, in this run's steps
             saved["batch"] = round(saved["batch"] * saved["examples_per_step"] / examples_per_step)
@@ -288,10 +303,11 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                     writer.add_scalar(key, value, entry["step"])
 
     def checkpoint() -> None:
+        rng = gather_objects(world, rng_state(device))  # every process's generators (dropout differs per process)
         if world.main:
             save_checkpoint(run_dir / "checkpoints", model, {
                 **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, t.keep_checkpoints)
+                "scaler": scaler.state_dict(), "rng": rng}, t.keep_checkpoints)
         barrier(world)
 
     def evaluate(epoch_float: float) -> None:
