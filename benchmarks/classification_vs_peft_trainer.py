@@ -67,7 +67,7 @@ def side_peft(args, workdir: Path) -> dict:
                                              target_modules=["query", "value"]))
     training_args = TrainingArguments(
         output_dir=str(workdir / "peft"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
-        learning_rate=args.lr, warmup_ratio=0.05, lr_scheduler_type="linear", logging_steps=20, save_strategy="no",
+        learning_rate=args.lr, warmup_steps=0.05, lr_scheduler_type="linear", logging_steps=20, save_strategy="no",
         report_to="none", seed=0, use_cpu=args.device == "cpu")
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=DataCollatorWithPadding(tokenizer))
