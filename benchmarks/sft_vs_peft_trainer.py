@@ -19,24 +19,15 @@ import hashlib
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import REPO, peak_bytes, run_side, without_workdir
 from rich.console import Console
 from rich.table import Table
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def encode(args, tokenizer, records):
@@ -161,13 +152,6 @@ def side_score(args, workdir: Path) -> dict:
     return out
 
 
-def run_side(side: str, argv: list[str]) -> dict:
-    result = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    if result.returncode != 0:
-        sys.exit(f"the {side} side failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,14 +191,10 @@ def main() -> None:
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))
     (workdir / "train.json").write_text(json.dumps(records[:args.examples]))
     (workdir / "heldout.json").write_text(json.dumps(records[-args.heldout:]))
-    argv = sys.argv[1:]
-    if "--workdir" in argv:
-        i = argv.index("--workdir")
-        argv = argv[:i] + argv[i + 2:]
-    argv += ["--workdir", str(workdir)]
+    argv = without_workdir(sys.argv[1:], workdir)
     if args.gguf_file:
         if not (workdir / "base" / "config.json").is_file():
-            run_side("convert", argv)
+            run_side(__file__, "convert", argv)
         argv += ["--model", str(workdir / "base"), "--gguf-file", "none"]
     # the peer's run depends on everything but --loralab; --reuse-peft takes it from an earlier run in the same
     # workdir (said in the output) to compare loralab variants without retraining the peer each time
@@ -224,10 +204,10 @@ def main() -> None:
         peft_result = json.loads(cached.read_text())["result"]
         print(f"PEFT + Trainer figures reused from {cached}")
     else:
-        peft_result = run_side("peft", argv)
+        peft_result = run_side(__file__, "peft", argv)
         cached.write_text(json.dumps({"key": key, "result": peft_result}))
-    loralab_result = run_side("loralab", argv)
-    losses = run_side("score", argv)
+    loralab_result = run_side(__file__, "loralab", argv)
+    losses = run_side(__file__, "score", argv)
 
     table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "

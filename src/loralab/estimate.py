@@ -68,7 +68,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, known: list[torch.Tensor]):
         super().__init__()
         self.sizes: dict[int, int] = {id(t.untyped_storage()): 0 for t in known}  # existing storages cost nothing
-        self.keep = known
+        self.keep = known  # alive, so that no new storage reuses their ids
         self.now = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

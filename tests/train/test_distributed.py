@@ -113,18 +113,25 @@ def test_fsdp_shards_the_base_and_follows_one_process(tmp_path, llama_dir):
                                                                         abs=1e-5)
 
     # resumed from its step-3 checkpoint on 2 processes, it ends where the uninterrupted run ended
-    copy = tmp_path / "resumed" / "fsdp"
-    shutil.copytree(fsdp, copy)
+    copy, config = interrupted_copy(fsdp, tmp_path / "resumed", "step-00000003")
+    assert main(["train", str(config), "--nproc", "2"]) == 0
+    assert close(adapter(copy), adapter(fsdp), atol=1e-5)
+
+
+def interrupted_copy(run_dir, root, checkpoint):
+    """The run as a crash right after `checkpoint` would have left it, under root/; returns (its folder, config)."""
+    copy = root / run_dir.name
+    shutil.copytree(run_dir, copy)
     for path in (copy / "checkpoints").iterdir():
-        if path.name != "step-00000003":
+        if path.name != checkpoint:
             shutil.rmtree(path)
     shutil.rmtree(copy / "adapter")
     (copy / "report.json").unlink()
+    (copy / "metrics.jsonl").write_text("")
     saved = yaml.safe_load((copy / "config.yaml").read_text())
-    saved["output_dir"] = str(tmp_path / "resumed")
+    saved["output_dir"] = str(root)
     (copy / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert main(["train", str(write_config(tmp_path / "resumed.yaml", **saved)), "--nproc", "2"]) == 0
-    assert close(adapter(copy), adapter(fsdp), atol=1e-5)
+    return copy, write_config(root.parent / f"{root.name}.yaml", **saved)
 
 
 def test_fsdp_is_for_lora_runs(tmp_path, llama_dir):
@@ -138,16 +145,7 @@ def test_a_resumed_run_with_dropout_continues_each_process_random_stream(tmp_pat
     path = write_config(tmp_path / "dropout.yaml", **config)
     assert main(["train", str(path), "--nproc", "2"]) == 0
     run_dir = tmp_path / "runs" / "dropout"
-    copy = tmp_path / "resumed" / "dropout"
-    shutil.copytree(run_dir, copy)
-    for checkpoint in (copy / "checkpoints").iterdir():
-        if checkpoint.name != "step-00000002":
-            shutil.rmtree(checkpoint)
-    shutil.rmtree(copy / "adapter")
-    (copy / "report.json").unlink()
-    (copy / "metrics.jsonl").write_text("")
-    config["output_dir"] = str(tmp_path / "resumed")
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(write_config(tmp_path / "resumed.yaml", **config)), "--nproc", "2"]) == 0
+    copy, resumed = interrupted_copy(run_dir, tmp_path / "resumed", "step-00000002")
+    assert main(["train", str(resumed), "--nproc", "2"]) == 0
     assert close(adapter(copy), adapter(run_dir), atol=1e-6)
     assert losses(copy) == pytest.approx(losses(run_dir)[2:], abs=1e-6)
