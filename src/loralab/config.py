@@ -56,6 +56,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int | Literal["auto"] = 8  # auto: the largest that fits memory_budget, up to global_batch
     grad_accum: int = 1
+    group_by_length: bool = True  # batches of similar lengths (little padding); false: a plain random order
     global_batch: int | None = None  # with batch_size auto: examples per step (grad_accum makes up the rest)
     memory_budget: str | None = None  # with batch_size auto, e.g. 24GiB; default: the device's memory
     lr: float = 2e-4

@@ -210,3 +210,20 @@ def test_batch_size_auto_fills_the_budget_and_keeps_the_global_batch(tmp_path, m
     assert report["steps"] == 2 * 2  # 16 examples / 8 per step x 2 epochs, whatever the micro-batch
     assert run(write_config(tmp_path / "bad.yaml", task="sft", model={"path": str(model_dirs["llama"])},
                             data={"train": "x.json"}, train={"batch_size": "auto"})) == USER_ERROR
+
+
+def test_micro_batches_group_by_length_or_not_and_cover_every_example_once():
+    from loralab.config import load_config
+    from loralab.tasks import TaskData
+    from loralab.train.loop import micro_batches
+
+    lengths = [3, 40, 5, 38, 4, 41, 6, 39] * 4
+    data = TaskData([{"input_ids": [0] * n} for n in lengths], [])
+    base = {"model": {"path": "m"}, "data": {"train": "t.json"}, "train": {"batch_size": 4}}
+    spread = {}
+    for grouped in (True, False):
+        config = load_config(None, [f"train.group_by_length={str(grouped).lower()}"], base=base)
+        batches = micro_batches(data, config, epoch=0)
+        assert sorted(i for b in batches for row in b for i in row) == list(range(len(lengths)))
+        spread[grouped] = sum(max(lengths[r[0]] for r in b) - min(lengths[r[0]] for r in b) for b in batches)
+    assert spread[True] < spread[False]

@@ -201,8 +201,10 @@ def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = 
     lengths = [len(e["input_ids"]) for e in data.train]
     if config.data.packing:
         rows = packed_rows(lengths, config.data.max_length, generator)
-    else:
+    elif config.train.group_by_length:
         rows = [[i] for i in length_grouped_order(lengths, size, generator)]
+    else:
+        rows = [[i] for i in torch.randperm(len(lengths), generator=generator).tolist()]
     batches = [rows[i:i + size] for i in range(0, len(rows), size)]
     return [shard(b, world) for b in batches if len(b) >= world.size]
 
