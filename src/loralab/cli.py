@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -88,11 +89,10 @@ def cmd_estimate(args) -> None:
     config = load_config(args.config, overrides, base=DEMO_CONFIG if args.config is None else None)
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
     budget = parse_bytes(args.budget) if args.budget else device_memory(config.train.device)
-    variants = {"as configured": config}
     other = not config.train.gradient_checkpointing
-    variants["with gradient checkpointing" if other else "without gradient checkpointing"] = config.__class__(
-        **{**config.__dict__, "train": config.train.__class__(
-            **{**config.train.__dict__, "gradient_checkpointing": other})})
+    variants = {"as configured": config,
+                f"with{'' if other else 'out'} gradient checkpointing": dataclasses.replace(
+                    config, train=dataclasses.replace(config.train, gradient_checkpointing=other))}
     estimates, fits = {}, {}
     for name, variant in variants.items():
         with planner(variant) as estimate:

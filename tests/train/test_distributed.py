@@ -134,6 +134,15 @@ def interrupted_copy(run_dir, root, checkpoint):
     return copy, write_config(root.parent / f"{root.name}.yaml", **saved)
 
 
+def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path, model_dirs):
+    assert main(["train", str(config_for(tmp_path, model_dirs, "one", batch_size=4))]) == 0
+    assert main(["train", str(config_for(tmp_path, model_dirs, "fsdp", batch_size=2)), "distributed=fsdp",
+                 "--nproc", "2"]) == 0
+    one, fsdp = tmp_path / "runs/one", tmp_path / "runs/fsdp"
+    assert losses(fsdp) == pytest.approx(losses(one), abs=1e-5)
+    assert close(adapter(fsdp), adapter(one), atol=1e-5)
+
+
 def test_fsdp_is_for_lora_runs(tmp_path, llama_dir):
     config = sft_config(tmp_path, llama_dir, "full", 2, "fsdp")
     assert main(["train", str(config), "method=full"]) == 2

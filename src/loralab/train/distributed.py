@@ -107,7 +107,7 @@ def shard_frozen_base(loss_module: nn.Module, model: nn.Module, device: torch.de
     # each block its own root. One tiny forward through the root first.
     with torch.no_grad():
         ids = torch.tensor([[0, 0]], device=device)
-        loss_module(input_ids=ids, labels=ids if getattr(loss_module, "causal", False) else ids[:, 0])
+        loss_module(input_ids=ids, **({"labels": ids} if loss_module.causal else {}))  # no loss needed otherwise
     return trainable
 
 

@@ -259,7 +259,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     causal = config.task in ("sft", "generate-classify")
     trained = TrainingLoss(model, causal=causal)
     replicated = []  # under fsdp: the trainable weights, whose gradients are averaged by hand
-    if world.size > 1 and config.distributed == "fsdp":
+    if fsdp:
         replicated = shard_frozen_base(trained, model, device, world)
     elif world.size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -404,10 +404,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         metrics_log.close()
     if writer:
         writer.close()
-    run_dir = config.run_dir
     if state["best_checkpoint"] and (run_dir / "checkpoints" / state["best_checkpoint"]).is_dir():
         load_weights(run_dir / "checkpoints" / state["best_checkpoint"], model)  # the run's output: the best
-    task = get_task(config.task)
     answers_after = []
     if hasattr(task, "samples"):
         with whole_root(trained):  # every process takes part under fsdp
@@ -427,13 +425,11 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     with the whole batch computes it: each micro-batch's mean is weighted by its share of the items, counted
     over all micro-batches and processes (data-parallel averaging divides by the process count, hence the
     factor)."""
-    batches = []
-    for rows in micro:
-        packed = any(len(row) > 1 for row in rows)
-        batch = pack_batch(rows, pad_id) if packed else pad_batch([row[0] for row in rows], pad_id)
-        batches.append({k: v.to(device) for k, v in batch.items()})
-    counts = [scored_items(b["labels"], causal) for b in batches]
+    batches = [pack_batch(rows, pad_id) if any(len(row) > 1 for row in rows) else
+               pad_batch([row[0] for row in rows], pad_id) for rows in micro]
+    counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     loss_value, tokens = 0.0, 0
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # under DDP, gradients are all-reduced only on the step's last micro-batch
