@@ -103,7 +103,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(case, mid_llama, mid
 def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(mid_llama):
     plain, checkpointed = (estimate_memory(load_config(None, base=run_config(mid_llama, checkpointing=c)), [4])[0]
                            for c in (False, True))
-    assert checkpointed.activations < plain.activations / 3
+    assert checkpointed.activations < plain.activations / 2.5
     assert checkpointed.base_weights == plain.base_weights and checkpointed.gradients == plain.gradients
     one, two = estimate_memory(load_config(None, base=run_config(mid_llama)), [1, 2])
     assert two.activations > 1.8 * one.activations

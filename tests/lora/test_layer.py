@@ -113,6 +113,32 @@ def test_zero_dropout_adds_no_dropout_module():
     assert isinstance(layer.lora_dropout["b"], nn.Dropout)
 
 
+def test_dropout_in_training_is_dropout_then_linear_with_a_one_byte_mask():
+    layer = LoraLinear(make_base("linear"))
+    layer.add_adapter("default", r=4, scaling=2.0, dropout=0.3)
+    randomize(layer)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    got = (x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+
+    # the same mask, drawn from the same random stream, through plain autograd
+    torch.manual_seed(7)
+    keep = torch.rand(x.shape) >= 0.3
+    assert 0 < keep.sum() < keep.numel()
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = (copy.deepcopy(m.weight) for m in (layer.lora_A["default"], layer.lora_B["default"]))
+    expected = layer.base_layer(x2) + ((x2 * keep / 0.7) @ a.T @ b.T) * 2.0
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, (x2.grad, a.grad, b.grad), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+    layer.eval()  # no dropout at all in eval mode
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ a.T @ b.T) * 2.0, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_reach_a_and_b_only_through_the_update():
     layer = LoraLinear(make_base("linear"))
     layer.base_layer.requires_grad_(False)

@@ -7,7 +7,14 @@ import loralab.train.lm_loss as lm_loss
 from loralab.data.collate import pack_batch, pad_batch
 from loralab.errors import LoralabError
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train.lm_loss import LinearCrossEntropy, causal_lm_loss, check_packing, supports_chunked_loss
+from loralab.train.lm_loss import (
+    LinearCrossEntropy,
+    TrainingLoss,
+    causal_lm_loss,
+    check_packing,
+    supports_chunked_loss,
+)
+from loralab.train.loop import train_step
 from tiny_models import tiny_model
 
 
@@ -98,3 +105,22 @@ def test_packing_is_refused_for_a_model_whose_attention_crosses_examples():
     model = lora_model("bloom")  # ALiBi attention ignores position ids
     with pytest.raises(LoralabError, match="data.packing"):
         check_packing(model, "cpu", torch.autocast("cpu", enabled=False))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bloom"])
+def test_training_step_without_the_padding_mask_gives_the_masked_loss_and_gradients(model_type):
+    """Training drops the attention mask of right-padded causal batches: the same loss and gradients as with it,
+    for rotary, learned (OPT counts positions from the mask) and ALiBi positions alike."""
+    model = lora_model(model_type)  # in eval mode: gpt2 and opt would draw dropout masks
+    data = examples(seed=2, n=4)
+    masked = model(**pad_batch(data, pad_id=0)).loss
+    masked.backward()
+    expected = grads(model)
+    model.zero_grad()
+    off = torch.autocast("cpu", enabled=False)
+    loss, tokens = train_step(TrainingLoss(model, causal=True), [[[e] for e in data]], 0, torch.device("cpu"), off,
+                              torch.amp.GradScaler("cpu", enabled=False), causal=True)
+    assert tokens == sum(len(e["input_ids"]) for e in data)
+    assert abs(loss - masked.item()) < 1e-5
+    for name, grad in grads(model).items():
+        assert torch.allclose(grad, expected[name], atol=1e-5), name

@@ -42,6 +42,7 @@ from loralab.train.distributed import (
 from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
+from loralab.train.swiglu import fuse_swiglu
 
 log = logging.getLogger("loralab")
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -122,6 +123,7 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
             log.info("initialised fresh by the model class and trained in full: %s", ", ".join(fresh))
         apply_lora(model, lora)
         trainable_copies_in_fp32(model)
+    fuse_swiglu(model)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method)
     if config.train.compile:
@@ -428,6 +430,12 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     batches = [pack_batch(rows, pad_id) if any(len(row) > 1 for row in rows) else
                pad_batch([row[0] for row in rows], pad_id) for rows in micro]
     counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
+    if causal:
+        # right padding under causal attention: real tokens never see the pads after them, so the padding mask
+        # changes nothing they compute. Without it, attention takes its causal kernel (skipping the masked half,
+        # grouped-query heads not repeated) and keeps no mask per layer for the backward pass.
+        for batch in batches:
+            batch.pop("attention_mask", None)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     loss_value, tokens = 0.0, 0
