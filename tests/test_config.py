@@ -25,6 +25,8 @@ def test_yaml_and_dotted_overrides_become_typed_config(tmp_path):
     ("train.lr=0", "train.lr", "2e-4"),
     ("lora.alpha=-1", "lora.alpha", None),
     ("data.validation_fraction=1.5", "data.validation_fraction", None),
+    ("train.gradient_checkpointing=-2", "train.gradient_checkpointing", "every N-th layer"),
+    ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing", None),
 ])
 def test_bad_keys_and_values_name_the_key_and_suggest(override, field, fix):
     with pytest.raises(LoralabError) as err:

@@ -104,6 +104,9 @@ def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(mid_llama)
     plain, checkpointed = (estimate_memory(load_config(None, base=run_config(mid_llama, checkpointing=c)), [4])[0]
                            for c in (False, True))
     assert checkpointed.activations < plain.activations / 2.5
+    # every other layer recomputes: in between
+    (every_other,) = estimate_memory(load_config(None, base=run_config(mid_llama, checkpointing=2)), [4])
+    assert checkpointed.activations < every_other.activations < plain.activations
     assert checkpointed.base_weights == plain.base_weights and checkpointed.gradients == plain.gradients
     one, two = estimate_memory(load_config(None, base=run_config(mid_llama)), [1, 2])
     assert two.activations > 1.8 * one.activations

@@ -64,7 +64,7 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup: float = 0.0  # a fraction of all steps (< 1) or a number of steps (>= 1)
     max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int = False  # true: every layer recomputes; N: every N-th (less time, more memory)
     compile: bool = False  # torch.compile each transformer block (fuses the small ops; the first steps compile)
     eval_every: int | None = None  # optimizer steps; the run also evaluates after each epoch
     eval_batch_size: int = 32
@@ -231,6 +231,8 @@ def _check_values(config: RunConfig, file: str | None) -> None:
         ("train.global_batch", t.global_batch, t.batch_size != "auto" or (t.global_batch or 0) >= 1,
          "batch_size: auto needs the examples per step, e.g. train.global_batch=32"),
         ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "use 1 or more"),
+        ("train.gradient_checkpointing", t.gradient_checkpointing, t.gradient_checkpointing >= 0,
+         "use true (every layer), false, or N >= 1 (every N-th layer)"),
         ("train.epochs", t.epochs, t.epochs > 0, "use 1 or more"),
         ("data.max_length", config.data.max_length, config.data.max_length >= 8, "use e.g. 512"),
         ("data.validation_fraction", config.data.validation_fraction, 0 <= config.data.validation_fraction < 1,

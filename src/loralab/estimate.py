@@ -111,7 +111,7 @@ def _fake_model(config: RunConfig):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     if config.train.gradient_checkpointing:
-        enable_checkpointing(model, config.method)
+        enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     model.train()
     return model
 

@@ -52,7 +52,7 @@ def test_sft_memorises_answers_with_chat_template(tmp_path, model_dirs):
                           lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
                           data={"train": str(data), "validation": str(data), "max_length": 64},
                           train={"epochs": 30, "batch_size": 4, "lr": 2e-2, "schedule": "constant",
-                                 "gradient_checkpointing": True})
+                                 "gradient_checkpointing": 2})  # every other layer: one recomputes, one keeps
     assert run(config) == 0
     evals = read_report(tmp_path / "runs" / "sft")["evaluations"]
     assert evals[-1]["metrics"]["loss"] < 0.3 * evals[0]["metrics"]["loss"]

@@ -125,7 +125,7 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     if config.train.gradient_checkpointing:
-        enable_checkpointing(model, config.method)
+        enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     if config.train.compile:
         compile_blocks(model)
     return model.to(device), fresh
@@ -142,10 +142,12 @@ def compile_blocks(model) -> None:
         model.compile(dynamic=True)
 
 
-def enable_checkpointing(model, method: str) -> None:
-    """Recompute each layer's activations in the backward pass instead of keeping them."""
+def enable_checkpointing(model, method: str, every: bool | int = True) -> None:
+    """Recompute layers' activations in the backward pass instead of keeping them: every layer's (True), or every
+    N-th layer's (the others keep theirs: less recompute for less memory saved)."""
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=1 if every is True else int(every))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora":
