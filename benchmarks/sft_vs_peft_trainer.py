@@ -154,15 +154,14 @@ def side_score(args, workdir: Path) -> dict:
     return out
 
 
-
 # dense bf16 peak of the GPUs we benchmark on (SXM, no sparsity), for MFU
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-def flops_per_token(model_path: str, mean_length: float, recompute: bool) -> float:
+def flops_per_token(model_path: str, mean_length: float, recomputed: float) -> float:
     """Model FLOPs per trained token of a frozen base (the PaLM convention, no weight gradients): the forward's
-    2N and the input gradients' 2N, plus 2N more when checkpointing recomputes the forward; attention adds
-    4·L·s·d forward and twice that backward (s: the mean example length)."""
+    2N and the input gradients' 2N, plus the forward again for the share of layers that checkpointing recomputes;
+    attention adds 4·L·s·d forward and twice that backward (s: the mean example length)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
@@ -174,7 +173,7 @@ def flops_per_token(model_path: str, mean_length: float, recompute: bool) -> flo
     attention = 4 * config.num_hidden_layers * mean_length * config.hidden_size
     forward = 2 * n + attention
     backward = 2 * n + 2 * attention
-    return forward * (2 if recompute else 1) + backward  # 4N + 3A, or 6N + 4A with checkpointing
+    return forward * (1 + recomputed) + backward  # 4N + 3A, or 6N + 4A with every layer checkpointed
 
 
 def main() -> None:
@@ -217,10 +216,12 @@ def main() -> None:
     (workdir / "train.json").write_text(json.dumps(records[:args.examples]))
     (workdir / "heldout.json").write_text(json.dumps(records[-args.heldout:]))
     argv = without_workdir(sys.argv[1:], workdir)
+    model_path = args.model
     if args.gguf_file:
         if not (workdir / "base" / "config.json").is_file():
             run_side(__file__, "convert", argv)
-        argv += ["--model", str(workdir / "base"), "--gguf-file", "none"]
+        model_path = str(workdir / "base")
+        argv += ["--model", model_path, "--gguf-file", "none"]
     # the peer's run depends on everything but --loralab; --reuse-peft takes it from an earlier run in the same
     # workdir (said in the output) to compare loralab variants without retraining the peer each time
     key = json.dumps({k: v for k, v in vars(args).items()
@@ -248,12 +249,14 @@ def main() -> None:
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if args.device == "cuda"
                                             and args.dtype == "bf16" and k in torch.cuda.get_device_name()), None)
     if peak_tflops:
-        model_path = argv[argv.index("--model") + 1] if "--model" in argv else args.model
+        from loralab.config import load_config
+        from loralab.models import resolve_model_path
+
+        every = load_config(None, overrides=args.loralab, base=run_config(args, workdir)).train.gradient_checkpointing
+        recomputed = [float(args.gradient_checkpointing), 1 / every if every else 0.0]  # share of layers
         mean_length = peft_result["tokens"] / args.examples
-        recompute = [args.gradient_checkpointing, args.gradient_checkpointing or
-                     "train.gradient_checkpointing=true" in args.loralab]
-        mfu = [speed[i] * flops_per_token(model_path, mean_length, recompute[i]) / (peak_tflops * 1e12)
-               for i in range(2)]
+        mfu = [speed[i] * flops_per_token(resolve_model_path(model_path), mean_length, recomputed[i])
+               / (peak_tflops * 1e12) for i in range(2)]
         table.add_row(f"MFU (of {peak_tflops:g} TFLOPS)", f"{mfu[0]:.1%}", f"{mfu[1]:.1%}", "")
     table.add_row("held-out loss", f"{losses['peft']:.4f}", f"{losses['loralab']:.4f}",
                   f"{losses['loralab'] - losses['peft']:+.4f}")

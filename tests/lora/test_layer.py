@@ -139,6 +139,21 @@ def test_dropout_in_training_is_dropout_then_linear_with_a_one_byte_mask():
     torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ a.T @ b.T) * 2.0, atol=1e-5, rtol=1e-5)
 
 
+def test_dropout_under_autocast_trains_an_fp32_layer():
+    # an fp32 layer (kept in fp32 by its model) in a bf16 autocast region: the low-rank path's output is bf16, its
+    # gradients come back in the weights' dtype
+    layer = LoraLinear(make_base("linear"))
+    layer.base_layer.requires_grad_(False)
+    layer.add_adapter("default", r=4, scaling=2.0, dropout=0.3)
+    randomize(layer)
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+
+
 def test_gradients_reach_a_and_b_only_through_the_update():
     layer = LoraLinear(make_base("linear"))
     layer.base_layer.requires_grad_(False)

@@ -46,7 +46,7 @@ class DroppedDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
         x, keep, a = ctx.saved_tensors
-        grad_hidden = grad_hidden * ctx.scale
+        grad_hidden = grad_hidden.to(x.dtype) * ctx.scale  # under autocast the output may be in a lower precision
         grad_x = (grad_hidden @ a) * keep if ctx.needs_input_grad[0] else None
         grad_a = None
         if ctx.needs_input_grad[1]:

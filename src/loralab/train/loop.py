@@ -145,11 +145,16 @@ def compile_blocks(model) -> None:
 def enable_checkpointing(model, method: str, every: bool | int = True) -> None:
     """Recompute layers' activations in the backward pass instead of keeping them: every layer's (True), or every
     N-th layer's (the others keep theirs: less recompute for less memory saved)."""
+    every_n = int(every)
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=1 if every is True else int(every))
-    else:
+                                              every_n_layers=every_n)
+    elif every_n == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise LoralabError(f"checkpointing every {every_n}th layer needs transformers 5",
+                           field="train.gradient_checkpointing",
+                           fix="train.gradient_checkpointing=true, or pip install -U 'transformers>=5'")
     if method == "lora":
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     model.config.use_cache = False

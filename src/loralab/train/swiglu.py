@@ -10,6 +10,7 @@ elementwise pass), so a third of the MLP's activations are never stored. The out
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 import types
@@ -47,10 +48,15 @@ def swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def is_swiglu(module: nn.Module) -> bool:
     """A module whose forward is exactly the SwiGLU expression above, with a SiLU activation."""
-    if type(module.__dict__.get("act_fn", getattr(module, "act_fn", None))).__name__ not in ("SiLU", "SiLUActivation"):
-        return False
+    return (type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and has_swiglu_forward(type(module)))
+
+
+@functools.cache
+def has_swiglu_forward(cls: type) -> bool:
+    """Read once per class: the model's layers share it."""
     try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward))).body[0]
+        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return False
     if not isinstance(function, ast.FunctionDef) or [a.arg for a in function.args.args] != ["self", "x"]:
@@ -63,7 +69,7 @@ def fuse_swiglu(model: nn.Module) -> int:
     """Give every SwiGLU MLP of `model` the lean forward; returns how many were changed."""
     fused = 0
     for module in model.modules():
-        if hasattr(module, "gate_proj") and hasattr(module, "up_proj") and is_swiglu(module):
+        if is_swiglu(module):
             module.forward = types.MethodType(swiglu_forward, module)
             fused += 1
     return fused
