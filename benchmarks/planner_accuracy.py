@@ -1,0 +1,105 @@
+"""The memory planner (`loralab estimate`) against the peak of real training steps, on the device you have.
+
+    python benchmarks/random_base.py llama-1b /tmp/llama-1b
+    python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 --max-length 2048 --checkpointing 0 1 2
+
+For each setting, a fresh process loads the model as `loralab train` does and runs a few optimizer steps of the
+training loop's own step functions on full rows (batch x max_length random tokens, every position scored: the
+planner's worst case). Measured: torch.cuda.max_memory_allocated over the whole process (load included) on a GPU,
+the process's peak RSS on CPU (which also holds the interpreter and libraries, roughly 0.4 GiB, that the planner
+leaves out). The planner's figure comes from config.json alone, on fake tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from common import peak_bytes
+from rich.console import Console
+from rich.table import Table
+
+
+def run_config(args, checkpointing: int) -> dict:
+    return {"task": "sft", "model": {"path": args.model, "dtype": args.dtype},
+            "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
+            "data": {"train": "unused.json", "max_length": args.max_length},  # rows are made up here
+            "train": {"batch_size": args.batch_size, "device": args.device,
+                      "gradient_checkpointing": checkpointing if checkpointing > 1 else bool(checkpointing)}}
+
+
+def measure(args, checkpointing: int) -> dict:
+    """A few steps of the training loop's step functions on full rows; the process's peak memory."""
+    import contextlib
+
+    from loralab.config import load_config
+    from loralab.models import compute_dtype, pick_device
+    from loralab.tasks import TaskData
+    from loralab.train.lm_loss import TrainingLoss
+    from loralab.train.loop import optimizer_step, setup_model, train_step
+    from loralab.train.optim import make_optimizer, make_scheduler
+
+    config = load_config(None, base=run_config(args, checkpointing))
+    device = pick_device(config.train.device)
+    dtype = compute_dtype(config.model, device)
+    model, _ = setup_model(config, TaskData([], [], labels=None), device, dtype)
+    model.train()
+    trained = TrainingLoss(model, causal=True)
+    optimizer = make_optimizer(model, 1e-4, 0.0)
+    scheduler = make_scheduler(optimizer, args.steps, 0, "constant")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for _ in range(args.steps):
+        rows = torch.randint(3, vocab, (args.batch_size, args.max_length)).tolist()
+        micro = [[[{"input_ids": row, "labels": row}] for row in rows]]
+        train_step(trained, micro, 0, device, autocast, scaler, causal=True)
+        optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+    return {"peak_bytes": peak_bytes(device.type)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model folder (config.json and weights)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--checkpointing", type=int, nargs="+", default=[0, 1],
+                        help="settings to measure: 0 none, 1 every layer, N every N-th layer")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--side", type=int, help=argparse.SUPPRESS)  # measure one checkpointing setting
+    args = parser.parse_args()
+    if args.side is not None:
+        print(json.dumps(measure(args, args.side)))
+        return
+
+    from common import run_side
+
+    from loralab.config import load_config
+    from loralab.estimate import estimate_memory
+
+    argv = [a for a in sys.argv[1:]]
+    table = Table(title=f"planner vs measured: {args.model}, {args.dtype}, batch {args.batch_size} x "
+                        f"{args.max_length} tokens, LoRA r={args.r} on {', '.join(args.targets)}, {args.device} "
+                        f"({'CUDA max allocated' if args.device == 'cuda' else 'peak RSS, with the interpreter'})")
+    for column in ("gradient checkpointing", "planner GiB", "measured GiB", "planner / measured"):
+        table.add_column(column, justify="right")
+    results = []
+    for every in args.checkpointing:
+        (predicted,) = estimate_memory(load_config(None, base=run_config(args, every)), [args.batch_size])
+        measured = run_side(__file__, str(every), argv)["peak_bytes"]
+        results.append({"checkpointing": every, "predicted": predicted.total, "measured": measured})
+        table.add_row({0: "none", 1: "every layer"}.get(every, f"every {every} layers"),
+                      f"{predicted.total / 2**30:.2f}", f"{measured / 2**30:.2f}", f"{predicted.total / measured:.2f}")
+    Console().print(table)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
