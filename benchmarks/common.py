@@ -37,3 +37,35 @@ def without_workdir(argv: list[str], workdir: Path) -> list[str]:
         i = argv.index("--workdir")
         argv = argv[:i] + argv[i + 2:]
     return [*argv, "--workdir", str(workdir)]
+
+
+def random_row_step(config):
+    """One optimizer step of the training loop's own functions (train_step, optimizer_step) on the model `train`
+    would build from `config` (an sft RunConfig), fed random full rows: step(batch_size, length). Returns (step,
+    device)."""
+    import contextlib
+
+    from loralab.models import compute_dtype, pick_device
+    from loralab.tasks import TaskData
+    from loralab.train.lm_loss import TrainingLoss
+    from loralab.train.loop import optimizer_step, setup_model, train_step
+    from loralab.train.optim import make_optimizer, make_scheduler
+
+    device = pick_device(config.train.device)
+    dtype = compute_dtype(config.model, device)
+    model, _ = setup_model(config, TaskData([], [], labels=None), device, dtype)
+    model.train()
+    trained = TrainingLoss(model, causal=True)
+    optimizer = make_optimizer(model, 1e-4, 0.0)
+    scheduler = make_scheduler(optimizer, 10**6, 0, "constant")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def step(batch_size: int, length: int) -> None:
+        rows = torch.randint(3, vocab, (batch_size, length)).tolist()
+        train_step(trained, [[[{"input_ids": r, "labels": r}] for r in rows]], 0, device, autocast, scaler,
+                   causal=True)
+        optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+
+    return step, device

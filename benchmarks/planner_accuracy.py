@@ -17,7 +17,7 @@ import json
 import sys
 
 import torch
-from common import peak_bytes
+from common import peak_bytes, random_row_step, run_side
 from rich.console import Console
 from rich.table import Table
 
@@ -32,31 +32,11 @@ def run_config(args, checkpointing: int) -> dict:
 
 def measure(args, checkpointing: int) -> dict:
     """A few steps of the training loop's step functions on full rows; the process's peak memory."""
-    import contextlib
-
     from loralab.config import load_config
-    from loralab.models import compute_dtype, pick_device
-    from loralab.tasks import TaskData
-    from loralab.train.lm_loss import TrainingLoss
-    from loralab.train.loop import optimizer_step, setup_model, train_step
-    from loralab.train.optim import make_optimizer, make_scheduler
 
-    config = load_config(None, base=run_config(args, checkpointing))
-    device = pick_device(config.train.device)
-    dtype = compute_dtype(config.model, device)
-    model, _ = setup_model(config, TaskData([], [], labels=None), device, dtype)
-    model.train()
-    trained = TrainingLoss(model, causal=True)
-    optimizer = make_optimizer(model, 1e-4, 0.0)
-    scheduler = make_scheduler(optimizer, args.steps, 0, "constant")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    step, device = random_row_step(load_config(None, base=run_config(args, checkpointing)))
     for _ in range(args.steps):
-        rows = torch.randint(3, vocab, (args.batch_size, args.max_length)).tolist()
-        micro = [[[{"input_ids": row, "labels": row}] for row in rows]]
-        train_step(trained, micro, 0, device, autocast, scaler, causal=True)
-        optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+        step(args.batch_size, args.max_length)
     return {"peak_bytes": peak_bytes(device.type)}
 
 
@@ -79,12 +59,10 @@ def main() -> None:
         print(json.dumps(measure(args, args.side)))
         return
 
-    from common import run_side
-
     from loralab.config import load_config
     from loralab.estimate import estimate_memory
 
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     table = Table(title=f"planner vs measured: {args.model}, {args.dtype}, batch {args.batch_size} x "
                         f"{args.max_length} tokens, LoRA r={args.r} on {', '.join(args.targets)}, {args.device} "
                         f"({'CUDA max allocated' if args.device == 'cuda' else 'peak RSS, with the interpreter'})")

@@ -11,10 +11,10 @@ the most device and host time. A step whose kernels fill a small share of its wa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
+from common import random_row_step
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -31,32 +31,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from loralab.config import load_config
-    from loralab.models import compute_dtype, pick_device
-    from loralab.tasks import TaskData
-    from loralab.train.lm_loss import TrainingLoss
-    from loralab.train.loop import optimizer_step, setup_model, train_step
-    from loralab.train.optim import make_optimizer, make_scheduler
 
     config = load_config(None, overrides=args.set, base={
         "task": "sft", "model": {"path": args.model, "dtype": args.dtype},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "data": {"train": "unused.json", "max_length": args.length}, "train": {"device": args.device}})
-    device = pick_device(config.train.device)
-    dtype = compute_dtype(config.model, device)
-    model, _ = setup_model(config, TaskData([], [], labels=None), device, dtype)
-    model.train()
-    trained = TrainingLoss(model, causal=True)
-    optimizer = make_optimizer(model, 1e-4, 0.0)
-    scheduler = make_scheduler(optimizer, 1000, 0, "constant")
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    one_step, device = random_row_step(config)
 
     def step():
-        rows = torch.randint(3, vocab, (args.batch_size, args.length)).tolist()
-        train_step(trained, [[[{"input_ids": r, "labels": r}] for r in rows]], 0, device, autocast, scaler,
-                   causal=True)
-        optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+        one_step(args.batch_size, args.length)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up: kernels chosen, allocator filled
