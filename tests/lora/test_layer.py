@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loralab.lora.layer import LoraLinear
+from loralab.lora.layer import LoraLinear, keep_mask
 
 
 def make_base(kind: str, dtype=torch.float32):
@@ -125,11 +125,11 @@ def test_dropout_in_training_is_dropout_then_linear_with_a_one_byte_mask():
 
     # the same mask, drawn from the same random stream, through plain autograd
     torch.manual_seed(7)
-    keep = torch.rand(x.shape) >= 0.3
+    keep, scale = keep_mask(x.shape, 0.3, x.device)
     assert 0 < keep.sum() < keep.numel()
     x2 = x.detach().clone().requires_grad_(True)
     a, b = (copy.deepcopy(m.weight) for m in (layer.lora_A["default"], layer.lora_B["default"]))
-    expected = layer.base_layer(x2) + ((x2 * keep / 0.7) @ a.T @ b.T) * 2.0
+    expected = layer.base_layer(x2) + ((x2 * keep * scale) @ a.T @ b.T) * 2.0
     expected.pow(2).sum().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got, (x2.grad, a.grad, b.grad), strict=True):
@@ -137,6 +137,20 @@ def test_dropout_in_training_is_dropout_then_linear_with_a_one_byte_mask():
 
     layer.eval()  # no dropout at all in eval mode
     torch.testing.assert_close(layer(x), layer.base_layer(x) + (x @ a.T @ b.T) * 2.0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_keep_mask_drops_each_element_with_probability_p(p):
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1024, 1025]), p, torch.device("cpu"))  # not a multiple of 4 elements
+    assert keep.dtype == torch.bool and keep.shape == (1024, 1025)
+    # each of the four 16-bit slices of a random word is unbiased (a fixed sign bit would show in one of them);
+    # 262k draws each, so the standard error of a rate is below 0.0006
+    flat = keep.flatten()[:1024 * 1024].view(-1, 4).float()
+    for slot in range(4):
+        assert abs(1 - flat[:, slot].mean().item() - p) < 0.003
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert (keep.float() * scale).mean().item() == pytest.approx(1.0, abs=0.004)  # dropout keeps the mean
 
 
 def test_dropout_under_autocast_trains_an_fp32_layer():

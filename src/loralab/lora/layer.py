@@ -29,6 +29,19 @@ def init_gaussian(weight: torch.Tensor, r: int) -> None:
     nn.init.normal_(weight, std=1 / r)
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A dropout keep-mask (True with probability 1 - p) and the matching scale 1 / (1 - p).
+
+    Each element takes 16 random bits, sliced from 64-bit random words: a quarter of the generator calls of
+    `rand(shape) >= p`, about 3x faster on a CPU, where the mask costs several percent of a LoRA step. p is
+    resolved to a multiple of 2^-16 (0.1 drops with probability 0.100006), and the scale matches it exactly."""
+    n = math.prod(shape)
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    dropped = round(p * 65536)  # of the 65536 values an int16 takes, this many (the lowest) drop the element
+    keep = words.view(torch.int16)[:n].view(shape) >= dropped - 32768
+    return keep, 65536 / (65536 - dropped)
+
+
 class DroppedDown(torch.autograd.Function):
     """hidden = dropout(x) @ Aᵀ, keeping for the backward pass only x and a one-byte mask.
 
@@ -38,9 +51,8 @@ class DroppedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.rand(x.shape, device=x.device) >= p  # faster than bernoulli_ on the CPU
+        keep, ctx.scale = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(x, keep, a)
-        ctx.scale = 1 / (1 - p)
         return F.linear(x * keep, a) * ctx.scale  # scaling the r-wide output costs less than scaling x
 
     @staticmethod
