@@ -90,6 +90,7 @@ class LiveBytes(TorchDispatchMode):
 def _fake_model(config: RunConfig):
     """The training model of `config`, built from its config.json on fake tensors."""
     from loralab.train.loop import enable_checkpointing, trainable_copies_in_fp32
+    from loralab.train.rms_norm import fuse_rms_norm
     from loralab.train.swiglu import fuse_swiglu
 
     m = config.model
@@ -110,6 +111,7 @@ def _fake_model(config: RunConfig):
         apply_lora(model, config.lora)
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
+    fuse_rms_norm(model)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     model.train()

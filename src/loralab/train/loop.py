@@ -42,6 +42,7 @@ from loralab.train.distributed import (
 from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
+from loralab.train.rms_norm import fuse_rms_norm
 from loralab.train.swiglu import fuse_swiglu
 
 log = logging.getLogger("loralab")
@@ -124,6 +125,7 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         apply_lora(model, lora)
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
+    fuse_rms_norm(model)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     if config.train.compile:
