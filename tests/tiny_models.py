@@ -71,3 +71,13 @@ def sample_inputs(model, batch: int = 2, length: int = 7, seed: int = 1) -> dict
     if model.config.model_type in SEQ2SEQ:
         inputs["decoder_input_ids"] = ids[:, :5]
     return inputs
+
+
+def losses_and_gradients(models, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """For each causal LM: its loss on `ids` (as labels too) and the gradients of its trainable parameters."""
+    results = []
+    for model in models:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    return results

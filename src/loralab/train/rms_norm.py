@@ -12,15 +12,11 @@ rounded once, not twice (within one bf16 step; tested).
 
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
-import textwrap
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loralab.train.forward_source import forward_body, replace_forwards
 
 # the forward this replaces, as transformers writes it (compared as a syntax tree); other norms are left alone
 RMS_NORM_FORWARD = """input_dtype = hidden_states.dtype
@@ -36,30 +32,12 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
-@functools.cache
-def has_rms_norm_forward(cls: type) -> bool:
-    """Read once per class: the model's layers share it."""
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    if not isinstance(function, ast.FunctionDef) or [a.arg for a in function.args.args] != ["self", "hidden_states"]:
-        return False
-    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    return "\n".join(ast.unparse(s) for s in body) == RMS_NORM_FORWARD
-
-
 def is_rms_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
-            and has_rms_norm_forward(type(module)))
+            and forward_body(type(module), ("self", "hidden_states")) == RMS_NORM_FORWARD)
 
 
 def fuse_rms_norm(model: nn.Module) -> int:
     """Give every RMSNorm of `model` the one-operator forward; returns how many were changed."""
-    fused = 0
-    for module in model.modules():
-        if is_rms_norm(module):
-            module.forward = types.MethodType(rms_norm_forward, module)
-            fused += 1
-    return fused
+    return replace_forwards(model, is_rms_norm, rms_norm_forward)

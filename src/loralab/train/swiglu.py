@@ -9,15 +9,11 @@ elementwise pass), so a third of the MLP's activations are never stored. The out
 
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
-import textwrap
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loralab.train.forward_source import forward_body, replace_forwards
 
 # the forwards this replaces, as transformers writes them (compared as syntax trees); other MLPs are left alone
 SWIGLU_FORWARDS = {
@@ -49,27 +45,9 @@ def swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 def is_swiglu(module: nn.Module) -> bool:
     """A module whose forward is exactly the SwiGLU expression above, with a SiLU activation."""
     return (type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-            and has_swiglu_forward(type(module)))
-
-
-@functools.cache
-def has_swiglu_forward(cls: type) -> bool:
-    """Read once per class: the model's layers share it."""
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    if not isinstance(function, ast.FunctionDef) or [a.arg for a in function.args.args] != ["self", "x"]:
-        return False
-    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    return "\n".join(ast.unparse(s) for s in body) in SWIGLU_FORWARDS
+            and forward_body(type(module), ("self", "x")) in SWIGLU_FORWARDS)
 
 
 def fuse_swiglu(model: nn.Module) -> int:
     """Give every SwiGLU MLP of `model` the lean forward; returns how many were changed."""
-    fused = 0
-    for module in model.modules():
-        if is_swiglu(module):
-            module.forward = types.MethodType(swiglu_forward, module)
-            fused += 1
-    return fused
+    return replace_forwards(model, is_swiglu, swiglu_forward)
