@@ -33,6 +33,7 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def is_rms_norm(module: nn.Module) -> bool:
+    """A module with a 1-d weight whose forward is exactly transformers' RMSNorm code above."""
     weight = getattr(module, "weight", None)
     return (isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
             and forward_body(type(module), ("self", "hidden_states")) == RMS_NORM_FORWARD)
