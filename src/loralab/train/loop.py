@@ -25,6 +25,7 @@ from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter,
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+from loralab.train.compiled import compile_blocks
 from loralab.train.distributed import (
     SINGLE_PROCESS,
     World,
@@ -131,17 +132,6 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
     if config.train.compile:
         compile_blocks(model)
     return model.to(device), fresh
-
-
-def compile_blocks(model) -> None:
-    """torch.compile per transformer block (the model's `_no_split_modules`): the blocks repeat, so one compiled
-    graph serves them all and compiling takes seconds, not minutes; the whole model where no block is named."""
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    compiled = [m for m in model.modules() if type(m).__name__ in blocks]
-    for module in compiled:
-        module.compile(dynamic=True)  # batches change length
-    if not compiled:
-        model.compile(dynamic=True)
 
 
 def enable_checkpointing(model, method: str, every: bool | int = True) -> None:

@@ -1,0 +1,35 @@
+"""`train.compile`: torch.compile per transformer block, with a partitioner told to keep fewer activations.
+
+AOTAutograd traces a block's forward and backward as one graph and then chooses what the forward keeps for the
+backward. Its default choice is tuned for speed alone, and it overrides the choices our own autograd functions
+make: in a LoRA block with dropout it keeps both dropped copies of the layer input (x * mask, one per adapted
+projection) as full float tensors, where eager autograd keeps x once and one-byte masks. An activation budget
+below 1.0 makes the partitioner solve for the least recompute (counted in FLOPs) that keeps less; elementwise
+products cost no FLOPs, so they are recomputed in the backward pass first, and matmuls and attention are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# share of the speed-tuned choice's saved bytes a block may keep; 0.9 drops the dropped copies of x (and other
+# elementwise products) and still keeps attention's output, whose recompute a lower budget starts to buy
+ACTIVATION_BUDGET = 0.9
+
+
+def lean_inductor(graph, example_inputs):
+    """torch.compile's inductor backend, partitioned under ACTIVATION_BUDGET. The partition happens inside this
+    call, so the setting applies to these graphs only and leaves other compiled code in the process alone."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(activation_memory_budget=ACTIVATION_BUDGET):
+        return compile_fx(graph, example_inputs)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile per transformer block (the model's `_no_split_modules`): the blocks repeat, so one compiled
+    graph serves them all and compiling takes seconds, not minutes; the whole model where no block is named."""
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    compiled = [m for m in model.modules() if type(m).__name__ in blocks]
+    for module in compiled or [model]:
+        module.compile(backend=lean_inductor, dynamic=True)  # batches change length

@@ -1,0 +1,59 @@
+import copy
+
+import torch
+
+from loralab.lora import LoraConfig, apply_lora
+from loralab.train import compiled as compiled_module
+from loralab.train.compiled import compile_blocks
+from tiny_models import losses_and_gradients, tiny_model
+
+
+def lora_llama(dropout: float):
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], dropout=dropout))
+    for name, p in model.named_parameters():  # nonzero B, so every path carries gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def saved_bytes_of_forward(model, ids) -> int:
+    """Bytes that autograd keeps for the backward pass over one forward (parameters excluded)."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in weights:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return total
+
+
+def test_compiled_blocks_give_eager_losses_and_gradients():
+    eager = lora_llama(dropout=0.0)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    ids = torch.randint(3, 128, (2, 12))
+    (loss, grads), (compiled_loss, compiled_grads) = losses_and_gradients((eager, compiled), ids)
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_grads, grads, atol=1e-5, rtol=1e-4)
+
+
+def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypatch):
+    # with dropout the speed-tuned partition keeps each adapted projection's dropped input as a float tensor
+    ids = torch.randint(3, 128, (2, 32))
+    kept = {}
+    lean = compiled_module.ACTIVATION_BUDGET
+    for budget in (1.0, lean):
+        torch._dynamo.reset()
+        monkeypatch.setattr(compiled_module, "ACTIVATION_BUDGET", budget)
+        model = lora_llama(dropout=0.1)
+        compile_blocks(model)
+        kept[budget] = saved_bytes_of_forward(model, ids)
+    torch._dynamo.reset()
+    one_input_copy_per_block = model.config.num_hidden_layers * ids.numel() * model.config.hidden_size * 4
+    assert kept[1.0] - kept[lean] >= one_input_copy_per_block
