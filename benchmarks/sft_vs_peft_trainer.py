@@ -232,14 +232,20 @@ def main() -> None:
     key = json.dumps({k: v for k, v in vars(args).items()
                       if k not in ("loralab", "reuse_peft", "workdir", "peak_tflops")})
     cached = workdir / f"peft_result-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
-    if args.reuse_peft and cached.is_file() and json.loads(cached.read_text())["key"] == key:
+    reused = args.reuse_peft and cached.is_file() and json.loads(cached.read_text())["key"] == key
+    if reused:
         peft_result = json.loads(cached.read_text())["result"]
         print(f"PEFT + Trainer figures reused from {cached}")
     else:
         peft_result = run_side(__file__, "peft", argv)
-        cached.write_text(json.dumps({"key": key, "result": peft_result}))
     loralab_result = run_side(__file__, "loralab", argv)
     losses = run_side(__file__, "score", argv)
+    # the workdir's PEFT adapter is the latest peer run's, which may be another seed's: a reused peer keeps the
+    # held-out loss scored when it ran
+    if reused and "heldout_loss" in peft_result:
+        losses["peft"] = peft_result["heldout_loss"]
+    else:
+        cached.write_text(json.dumps({"key": key, "result": {**peft_result, "heldout_loss": losses["peft"]}}))
 
     table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
