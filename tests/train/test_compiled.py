@@ -1,10 +1,12 @@
 import copy
 
 import torch
+from torch._dynamo.utils import counters
 
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import compiled as compiled_module
 from loralab.train.compiled import compile_blocks
+from loralab.train.swiglu import fuse_swiglu
 from tiny_models import losses_and_gradients, tiny_model
 
 
@@ -57,3 +59,20 @@ def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypat
     torch._dynamo.reset()
     one_input_copy_per_block = model.config.num_hidden_layers * ids.numel() * model.config.hidden_size * 4
     assert kept[1.0] - kept[lean] >= one_input_copy_per_block
+
+
+def test_blocks_trace_once_into_graphs_the_compile_cache_can_store():
+    # an autograd.Function in the graph bars AOTAutograd's cache (each run would trace and compile afresh), and
+    # symbolic floats make dynamo trace every graph twice
+    torch._dynamo.reset()
+    counters.clear()
+    model = lora_llama(dropout=0.1)
+    fuse_swiglu(model)
+    compile_blocks(model)
+    for length in (12, 17):
+        ids = torch.randint(3, 128, (2, length))
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    # two graphs: the first block's input needs no gradient, the others' do; both of dynamic length
+    assert counters["stats"]["unique_graphs"] == 2 and counters["aot_autograd"]["total"] == 2

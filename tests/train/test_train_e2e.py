@@ -8,6 +8,8 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import USER_ERROR, main
+from loralab.train import loop
+from loralab.train.heap import TRIM_EVERY
 from run_helpers import SENTIMENT, write_config, write_jsonl
 
 
@@ -203,6 +205,13 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path, model_dirs):
     eager, _ = sft_run(tmp_path, model_dirs, "eager")
     compiled, _ = sft_run(tmp_path, model_dirs, "compiled", compile=True)
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_cpu_training_hands_freed_heap_back_every_few_steps(tmp_path, model_dirs, monkeypatch):
+    trims = []
+    monkeypatch.setattr(loop, "release_free_heap", lambda: trims.append(1))
+    _, report = sft_run(tmp_path, model_dirs, "trim")
+    assert report["steps"] == 8 and len(trims) == 8 // TRIM_EVERY
 
 
 def test_batch_size_auto_fills_the_budget_and_keeps_the_global_batch(tmp_path, model_dirs):

@@ -169,7 +169,10 @@ class LoraLinear(nn.Module):
             a = self.lora_A[name].weight.to(x.dtype)
             b = self.lora_B[name].weight.to(x.dtype)
             dropout = self.lora_dropout[name]
-            if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
+            # compiled graphs take plain ops: the partitioner picks what they keep (train/compiled.py), and
+            # AOTAutograd's cache cannot store a graph holding an autograd.Function, so each run would re-trace it
+            if (isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()):
                 hidden = DroppedDown.apply(x, a, dropout.p)
             else:
                 hidden = F.linear(dropout(x), a)

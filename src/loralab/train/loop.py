@@ -40,6 +40,7 @@ from loralab.train.distributed import (
     sum_over_ranks,
     whole_root,
 )
+from loralab.train.heap import TRIM_EVERY, release_free_heap
 from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
@@ -373,6 +374,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                 average_gradients(replicated, world)
                 optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
                 state["step"] += 1
+                if device.type == "cpu" and state["step"] % TRIM_EVERY == 0:
+                    release_free_heap()
                 state["tokens"] += tokens
                 state["seconds"] += time.perf_counter() - step_start
                 window["loss"] += loss_value
