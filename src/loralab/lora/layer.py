@@ -66,6 +66,16 @@ class DroppedDown(torch.autograd.Function):
         return grad_x, grad_a, None
 
 
+def dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x) @ Aᵀ with keep_mask's fast mask. Compiled blocks take the same ops without the autograd.Function:
+    their partitioner picks what to keep (train/compiled.py), and AOTAutograd's cache cannot store a graph that
+    holds one, so every run would trace and compile its blocks afresh."""
+    if torch.compiler.is_compiling():
+        keep, scale = keep_mask(x.shape, p, x.device)
+        return F.linear(x * keep, a) * scale
+    return DroppedDown.apply(x, a, p)
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a Conv1D."""
     if isinstance(layer, Conv1D):
@@ -169,11 +179,8 @@ class LoraLinear(nn.Module):
             a = self.lora_A[name].weight.to(x.dtype)
             b = self.lora_B[name].weight.to(x.dtype)
             dropout = self.lora_dropout[name]
-            # compiled graphs take plain ops: the partitioner picks what they keep (train/compiled.py), and
-            # AOTAutograd's cache cannot store a graph holding an autograd.Function, so each run would re-trace it
-            if (isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled()
-                    and not torch.compiler.is_compiling()):
-                hidden = DroppedDown.apply(x, a, dropout.p)
+            if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
+                hidden = dropped_down(x, a, dropout.p)
             else:
                 hidden = F.linear(dropout(x), a)
             if result.dtype == b.dtype:
