@@ -41,9 +41,11 @@ def main() -> None:
         "data": {"train": "unused.json", "max_length": args.length}, "train": {"device": "cpu"}})
     step, _ = random_row_step(config)
     print(f"model loaded: peak RSS {peak_rss_gib():.2f} GiB")
+    start = time.perf_counter()
     for length in (37, 61):
         step(args.batch_size, length)
-    print(f"after two short steps: peak RSS {peak_rss_gib():.2f} GiB")
+    print(f"two short steps (compiling, where compiled): {time.perf_counter() - start:.1f} s, "
+          f"peak RSS {peak_rss_gib():.2f} GiB")
     for i in range(args.steps):
         start = time.perf_counter()
         step(args.batch_size, args.length)
