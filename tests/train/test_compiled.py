@@ -16,7 +16,7 @@ def lora_llama(dropout: float):
     for name, p in model.named_parameters():  # nonzero B, so every path carries gradient
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    return model
+    return model.train()  # blocks run compiled in training only (dropout on)
 
 
 def saved_bytes_of_forward(model, ids) -> int:
@@ -67,17 +67,28 @@ def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypat
     assert kept[1.0] - kept[lean] >= one_input_copy_per_block
 
 
-def test_blocks_trace_once_into_graphs_the_compile_cache_can_store():
+def test_blocks_trace_once_into_graphs_the_compile_cache_can_store_and_only_for_training():
     # an autograd.Function in the graph bars AOTAutograd's cache (each run would trace and compile afresh), and
-    # symbolic floats make dynamo trace every graph twice
+    # symbolic floats make dynamo trace every graph twice; evaluation and generation trace nothing (generation
+    # would retrace at every key-value cache layout until dynamo's recompile limit)
     torch._dynamo.reset()
     counters.clear()
     model = lora_llama(dropout=0.1)
     fuse_swiglu(model)
+    eager = copy.deepcopy(model).eval()
     compile_blocks(model)
     for length in (12, 17):
         ids = torch.randint(3, 128, (2, length))
         model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    prompt = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        answer = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                do_sample=False)
+        torch.testing.assert_close(logits, eager(input_ids=ids).logits)
+        torch.testing.assert_close(answer, eager.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                                          max_new_tokens=12, do_sample=False))
     torch._dynamo.reset()
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
     # two graphs: the first block's input needs no gradient, the others' do; both of dynamic length

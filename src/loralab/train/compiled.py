@@ -37,19 +37,26 @@ def compile_blocks(model) -> None:
     compiled = [m for m in model.modules() if type(m).__name__ in blocks]
     for module in compiled or [model]:
         module.compile(backend=lean_inductor, dynamic=True)  # batches change length
-        # Module.compile keeps the compiled call here; wrapped, so that tracing sees constant floats
-        module._compiled_call_impl = with_constant_floats(module._compiled_call_impl)
+        # Module.compile keeps the compiled call here; wrapped, so that it serves training steps only
+        module._compiled_call_impl = compiled_when_training(module, module._compiled_call_impl)
 
 
-def with_constant_floats(call):
-    """`dynamic=True` makes Python floats symbolic too (norm eps, dropout p, LoRA scaling). Inductor cannot keep
-    them so, and dynamo then restarts the trace with them constant: every graph traced and compiled twice, the
-    first time for nothing (about 13 s of a run's start on 2 CPU cores). Traced with constant floats from the start."""
+def compiled_when_training(module, call):
+    """The compiled call for training steps; evaluation and generation run the block eagerly. They would each
+    trace graphs of their own (no gradient, no dropout), and generation retraces at every new key-value cache
+    layout until dynamo's recompile limit turns it back to eager anyway: seconds to minutes of compiling for
+    forward passes that keep nothing for a backward pass, where compiling saves the memory.
+
+    Training steps are traced with constant Python floats: `dynamic=True` makes them symbolic too (norm eps,
+    dropout p, LoRA scaling), inductor cannot keep them so, and dynamo then restarts the trace with them constant,
+    every graph traced and compiled twice (about 13 s of a run's start on 2 CPU cores)."""
 
     config = torch._dynamo.config
 
     @functools.wraps(call)
-    def call_with_constant_floats(*args, **kwargs):
+    def call_compiled_when_training(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return module._call_impl(*args, **kwargs)
         # set and restored by hand: config.patch costs ~0.2 ms, paid by every block on every step
         before, config.specialize_float = config.specialize_float, True
         try:
@@ -57,4 +64,4 @@ def with_constant_floats(call):
         finally:
             config.specialize_float = before
 
-    return call_with_constant_floats
+    return call_compiled_when_training
