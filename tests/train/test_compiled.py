@@ -5,6 +5,7 @@ from torch._dynamo.utils import counters
 
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import compiled as compiled_module
+from loralab.train.causal_attention import use_chunked_attention
 from loralab.train.compiled import compile_blocks
 from loralab.train.swiglu import fuse_swiglu
 from tiny_models import losses_and_gradients, tiny_model
@@ -36,12 +37,14 @@ def saved_bytes_of_forward(model, ids) -> int:
 
 
 def test_compiled_blocks_give_eager_losses_and_gradients_dropout_masks_included():
-    # compiled graphs draw the dropout masks from torch's generator in the order eager code does
+    # compiled graphs draw the dropout masks from torch's generator in the order eager code does; their causal
+    # attention is chunked (as in training), the eager model's one SDPA call
     eager = lora_llama(dropout=0.1)
     fuse_swiglu(eager)
     compiled = copy.deepcopy(eager)
+    assert use_chunked_attention(compiled)
     compile_blocks(compiled)
-    ids = torch.randint(3, 128, (2, 12))
+    ids = torch.randint(3, 128, (2, 40))
     results = []
     for model in (eager, compiled):
         torch.manual_seed(5)
@@ -76,8 +79,9 @@ def test_blocks_trace_once_into_graphs_the_compile_cache_can_store_and_only_for_
     model = lora_llama(dropout=0.1)
     fuse_swiglu(model)
     eager = copy.deepcopy(model).eval()
+    use_chunked_attention(model)  # one graph for every length: the chunks are one opaque operator
     compile_blocks(model)
-    for length in (12, 17):
+    for length in (17, 40):
         ids = torch.randint(3, 128, (2, length))
         model(input_ids=ids, labels=ids).loss.backward()
     model.eval()

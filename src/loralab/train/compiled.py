@@ -13,6 +13,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils.checkpoint import CheckpointPolicy
+
+import loralab.train.causal_attention  # noqa: F401  (registers torch.ops.loralab.chunked_causal_attention)
 
 # share of the speed-tuned choice's saved bytes a block may keep; 0.9 drops the dropped copies of x (and other
 # elementwise products) and still keeps attention's output, whose recompute a lower budget starts to buy
@@ -27,7 +31,34 @@ def lean_inductor(graph, example_inputs):
     with torch._functorch.config.patch(activation_memory_budget=ACTIVATION_BUDGET):
         # random ops call torch's own generator (as eager code does), not inductor's per-element kernels, which
         # made LoRA's dropout masks cost 5% of a CPU step
-        return compile_fx(graph, example_inputs, config_patches={"fallback_random": True})
+        return compile_fx(graph, example_inputs, config_patches={"fallback_random": True,
+                                                                 "joint_custom_pre_pass": NEVER_RECOMPUTE})
+
+
+class NeverRecompute(CustomGraphPass):
+    """Marks the joint graph's random draws and chunked causal attention as never recomputed in the backward pass.
+
+    Under a budget the partitioner may recompute any op it does not list as random or compute-intensive. Its random
+    list (dropout, rand_like, randn_like) lacks torch.randint, which LoRA's dropout masks are drawn with: a redrawn
+    mask gives the backward pass other masks than the forward used (wrong gradients, equal losses). The masks
+    themselves, drawn once, are still what is kept. Its compute-intensive list lacks custom operators, so it reran
+    our attention (causal_attention.py) in the backward pass to save its output, as it never does with SDPA."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in graph.nodes:
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and (
+                    torch.Tag.nondeterministic_seeded in target.tags
+                    or target is torch.ops.loralab.chunked_causal_attention.default):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+    def uuid(self) -> bytes:
+        # part of the keys of torch's compile caches: graphs cached before our attention's backward (traced into
+        # them, not hashed by torch) or these rules changed are not reused
+        return get_hash_for_files((__file__, loralab.train.causal_attention.__file__))
+
+
+NEVER_RECOMPUTE = NeverRecompute()
 
 
 def compile_blocks(model) -> None:

@@ -24,6 +24,7 @@ from loralab.infer.settings import save_inference_settings
 from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
+from loralab.train.causal_attention import use_chunked_attention
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
 from loralab.train.compiled import compile_blocks
 from loralab.train.distributed import (
@@ -128,6 +129,8 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     fuse_rms_norm(model)
+    if config.task in ("sft", "generate-classify"):
+        use_chunked_attention(model)  # causal attention on CPU computes about 10/16 of the scores, not all
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     if config.train.compile:
@@ -434,8 +437,9 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
     if causal:
         # right padding under causal attention: real tokens never see the pads after them, so the padding mask
-        # changes nothing they compute. Without it, attention takes its causal kernel (skipping the masked half,
-        # grouped-query heads not repeated) and keeps no mask per layer for the backward pass.
+        # changes nothing they compute. Without it, attention takes its causal path (skipping the masked half:
+        # causal_attention.py on CPU, the flash kernels on GPU; grouped-query heads not repeated) and keeps no mask
+        # per layer for the backward pass.
         for batch in batches:
             batch.pop("attention_mask", None)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)

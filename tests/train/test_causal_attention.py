@@ -1,0 +1,92 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loralab.lora import LoraConfig, apply_lora
+from loralab.train import causal_attention
+from loralab.train.causal_attention import chunked_causal_attention, use_chunked_attention
+from tiny_models import losses_and_gradients, tiny_model
+
+
+def one_sdpa_call(query, key, value, scale):
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "length", "dtype"), [
+    (4, 4, 130, torch.float32),  # a length the chunks do not divide
+    (6, 2, 257, torch.float32),  # grouped-query heads
+    (4, 2, 200, torch.bfloat16),
+])
+def test_chunks_give_one_causal_sdpa_call_in_value_and_gradients(heads, kv_heads, length, dtype):
+    torch.manual_seed(0)
+    # laid out as transformers passes them: (batch, length, heads, dim) transposed
+    query = torch.randn(2, length, heads, 16, dtype=dtype).transpose(1, 2).requires_grad_()
+    key, value = (torch.randn(2, length, kv_heads, 16, dtype=dtype).transpose(1, 2).requires_grad_()
+                  for _ in range(2))
+    grad_out = torch.randn(2, length, heads, 16, dtype=dtype)
+    results = []
+    for attention in (one_sdpa_call, lambda *args: chunked_causal_attention(*args)[0]):
+        out = attention(query, key, value, 0.25)
+        results.append((out, *torch.autograd.grad(out, (query, key, value), grad_out)))
+    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    for chunked, plain in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(chunked, plain, **tolerance)
+
+
+def test_the_operators_pass_torchs_custom_op_checks():
+    # fake (meta) kernels, registration and autograd as torch.compile relies on them
+    query = torch.randn(1, 4, 40, 8, requires_grad=True)
+    key, value = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(chunked_causal_attention, (query, key, value, 0.3))
+    out, logsumexp = chunked_causal_attention(query.detach(), key.detach(), value.detach(), 0.3)
+    torch.library.opcheck(causal_attention.chunked_causal_attention_backward,
+                          (torch.randn_like(out), query.detach(), key.detach(), value.detach(), out, logsumexp, 0.3))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2"])
+def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_chunked(model_type, monkeypatch):
+    # (gpt2 with its dropout off: with attention dropout on, it runs SDPA)
+    gpt2 = dict(n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = tiny_model(model_type, **(gpt2 if model_type == "gpt2" else {}))
+    targets = {"gpt2": ["c_attn"]}.get(model_type, ["q_proj", "v_proj"])
+    apply_lora(model, LoraConfig(r=4, target_modules=targets, dropout=0.0))
+    for name, p in model.named_parameters():  # nonzero B, so every path carries gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    switched = copy.deepcopy(model)
+    assert use_chunked_attention(switched)
+    calls = []
+    monkeypatch.setattr(causal_attention, "chunked_causal_attention",
+                        lambda *args: calls.append(args[0].shape) or chunked_causal_attention(*args))
+
+    ids = torch.randint(3, 128, (2, 150))
+    (loss, grads), (switched_loss, switched_grads) = losses_and_gradients((model, switched), ids)
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(switched_loss, loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(switched_grads, grads, atol=1e-5, rtol=1e-4)
+
+    calls.clear()
+    padded = torch.ones_like(ids)
+    padded[0, 140:] = 0
+    with torch.no_grad():
+        short = switched(input_ids=ids[:, :40]).logits  # below the shortest chunked length
+        masked = switched(input_ids=ids, attention_mask=padded).logits
+        torch.testing.assert_close(short, model(input_ids=ids[:, :40]).logits)
+        torch.testing.assert_close(masked, model(input_ids=ids, attention_mask=padded).logits)
+        prompt = ids[:1, :130]
+        settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+        answer = switched.generate(input_ids=prompt, **settings)
+        assert torch.equal(answer, model.generate(input_ids=prompt, **settings))
+    # only generation's first pass over the prompt (no mask needed, no cache yet) is chunked
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_models_not_on_sdpa_are_left_alone():
+    model = tiny_model("llama", attn_implementation="eager")
+    assert not use_chunked_attention(model)
+    assert model.config._attn_implementation == "eager"
