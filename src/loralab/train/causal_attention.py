@@ -9,7 +9,7 @@ at 256, 12 -> 11 ms at 128. The result equals one SDPA call up to float rounding
 kernels skip masked blocks themselves, so they keep plain SDPA.
 
 The chunks run torch's CPU flash kernel directly (its forward returns the softmax's log-normaliser, which its
-backward takes), inside one custom operator with its own backward: torch.compile sees a single opaque call.
+backward takes), as two custom operators, forward and backward: torch.compile sees one opaque call each way.
 
 It is installed as an attention implementation of transformers' own (AttentionInterface) and falls back to
 transformers' SDPA function for everything else: masks (padding, packed examples), key-value caches, dropout.
@@ -107,7 +107,6 @@ def backward(ctx, grad_out, _grad_logsumexp):
 
 
 chunked_causal_attention.register_autograd(backward, setup_context=save_for_backward)
-
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -108,6 +108,9 @@ def load_data(config: RunConfig):
     return train, []
 
 
+CAUSAL_TASKS = ("sft", "generate-classify")  # trained as causal LMs: next-token loss, causal attention
+
+
 def setup_model(config: RunConfig, data: TaskData, device, dtype):
     """The model with only what should train left trainable; returns (model, fresh module names)."""
     labels = data.labels if config.task in ("classification", "tagging") else None
@@ -129,7 +132,7 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     fuse_rms_norm(model)
-    if config.task in ("sft", "generate-classify"):
+    if config.task in CAUSAL_TASKS:
         use_chunked_attention(model)  # causal attention on CPU computes about 10/16 of the scores, not all
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
@@ -261,7 +264,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     t = config.train
     steps_per_epoch = math.ceil(len(micro_batches(data, config, 0, world)) / t.grad_accum)
     # the loss module (DDP-wrapped on several processes) trains; `model` stays the plain module for evaluation
-    causal = config.task in ("sft", "generate-classify")
+    causal = config.task in CAUSAL_TASKS
     trained = TrainingLoss(model, causal=causal)
     replicated = []  # under fsdp: the trainable weights, whose gradients are averaged by hand
     if fsdp:
