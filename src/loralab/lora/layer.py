@@ -43,37 +43,38 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
 
 
 class DroppedDown(torch.autograd.Function):
-    """hidden = dropout(x) @ Aᵀ, keeping for the backward pass only x and a one-byte mask.
+    """hidden = (x * keep) @ Aᵀ, keeping for the backward pass only x and a one-byte mask.
 
     nn.Dropout followed by a linear layer keeps the dropped copy of x (4 bytes an element, for A's gradient) and
     its float mask (4 more). Here the copy is recomputed from x, which q_proj and v_proj share, so a layer with
-    two adapted projections keeps x once and two bool masks: 6 bytes an element instead of 16."""
+    two adapted projections keeps x once and two bool masks: 6 bytes an element instead of 16. Dropout's 1 / (1 - p)
+    is left to the caller, which folds it into the scaling of B's product (no operator of its own either way)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
-        keep, ctx.scale = keep_mask(x.shape, p, x.device)
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, keep, a)
-        return F.linear(x * keep, a) * ctx.scale  # scaling the r-wide output costs less than scaling x
+        return F.linear(x * keep, a)
 
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
         x, keep, a = ctx.saved_tensors
-        grad_hidden = grad_hidden.to(x.dtype) * ctx.scale  # under autocast the output may be in a lower precision
+        grad_hidden = grad_hidden.to(x.dtype)  # under autocast the output may be in a lower precision
         grad_x = (grad_hidden @ a) * keep if ctx.needs_input_grad[0] else None
         grad_a = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             grad_a = grad_hidden.reshape(-1, a.shape[0]).T @ (x * keep).reshape(-1, a.shape[1])
-        return grad_x, grad_a, None
+        return grad_x, None, grad_a
 
 
-def dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x) @ Aᵀ with keep_mask's fast mask. Compiled blocks take the same ops without the autograd.Function:
-    their partitioner picks what to keep (train/compiled.py), and AOTAutograd's cache cannot store a graph that
-    holds one, so every run would trace and compile its blocks afresh."""
+def dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(x * keep) @ Aᵀ with keep_mask's fast mask, and the scale 1 / (1 - p) that makes it dropout(x) @ Aᵀ.
+    Compiled blocks take the same ops without the autograd.Function: their partitioner picks what to keep
+    (train/compiled.py), and AOTAutograd's cache cannot store a graph that holds one, so every run would trace and
+    compile its blocks afresh."""
+    keep, scale = keep_mask(x.shape, p, x.device)
     if torch.compiler.is_compiling():
-        keep, scale = keep_mask(x.shape, p, x.device)
-        return F.linear(x * keep, a) * scale
-    return DroppedDown.apply(x, a, p)
+        return F.linear(x * keep, a), scale
+    return DroppedDown.apply(x, keep, a), scale
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -180,16 +181,17 @@ class LoraLinear(nn.Module):
             b = self.lora_B[name].weight.to(x.dtype)
             dropout = self.lora_dropout[name]
             if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
-                hidden = dropped_down(x, a, dropout.p)
+                hidden, kept_scale = dropped_down(x, a, dropout.p)
             else:
-                hidden = F.linear(dropout(x), a)
+                hidden, kept_scale = F.linear(dropout(x), a), 1.0
+            alpha = self.scaling[name] * kept_scale
             if result.dtype == b.dtype:
-                # one GEMM that also scales and accumulates: result + scaling·(hidden @ Bᵀ)
+                # one GEMM that also scales and accumulates: result + alpha·(hidden @ Bᵀ)
                 flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
-                                   b.T, alpha=self.scaling[name])
+                                   b.T, alpha=alpha)
                 result = flat.view(result.shape)
             else:
-                result = result + (F.linear(hidden, b) * self.scaling[name]).to(result.dtype)
+                result = result + (F.linear(hidden, b) * alpha).to(result.dtype)
         return result
 
     def extra_repr(self) -> str:
