@@ -39,6 +39,16 @@ def without_workdir(argv: list[str], workdir: Path) -> list[str]:
     return [*argv, "--workdir", str(workdir)]
 
 
+def random_row_config(model: str, dtype: str, length: int, device: str, overrides=(), dropout: float = 0.1):
+    """The sft RunConfig the step benchmarks train on: LoRA r=8 on q/v, rows of up to `length` tokens."""
+    from loralab.config import load_config
+
+    return load_config(None, overrides=list(overrides), base={
+        "task": "sft", "model": {"path": model, "dtype": dtype},
+        "lora": {"r": 8, "alpha": 16, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": "unused.json", "max_length": length}, "train": {"device": device}})
+
+
 def random_row_step(config):
     """One optimizer step of the training loop's own functions (train_step, optimizer_step) on the model `train`
     would build from `config` (an sft RunConfig), fed random full rows: step(batch_size, length). Returns (step,

@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from common import random_row_step
+from common import random_row_config, random_row_step
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -30,12 +30,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from loralab.config import load_config
-
-    config = load_config(None, overrides=args.set, base={
-        "task": "sft", "model": {"path": args.model, "dtype": args.dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": "unused.json", "max_length": args.length}, "train": {"device": args.device}})
+    config = random_row_config(args.model, args.dtype, args.length, args.device, args.set)
     one_step, device = random_row_step(config)
 
     def step():

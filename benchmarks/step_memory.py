@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import random_row_step
+from common import random_row_config, random_row_step
 
 
 def peak_rss_gib() -> float:
@@ -33,12 +33,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="loralab overrides, e.g. train.compile=true")
     args = parser.parse_args()
 
-    from loralab.config import load_config
-
-    config = load_config(None, overrides=args.set, base={
-        "task": "sft", "model": {"path": args.model, "dtype": args.dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": "unused.json", "max_length": args.length}, "train": {"device": "cpu"}})
+    config = random_row_config(args.model, args.dtype, args.length, "cpu", args.set)
     step, _ = random_row_step(config)
     print(f"model loaded: peak RSS {peak_rss_gib():.2f} GiB")
     start = time.perf_counter()

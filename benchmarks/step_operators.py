@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 
 import torch
-from common import random_row_step
+from common import random_row_config, random_row_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
 NOT_KERNELS = {torch.ops.aten.detach.default, torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
@@ -39,16 +38,9 @@ class CountOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def config_of(args) -> dict:
-    return {"task": "sft", "model": {"path": args.model, "dtype": args.dtype},
-            "lora": {"r": 8, "alpha": 16, "dropout": args.dropout, "target_modules": ["q_proj", "v_proj"]},
-            "data": {"train": "unused.json", "max_length": args.length}, "train": {"device": args.device}}
-
-
 def count_loralab(args) -> collections.Counter:
-    from loralab.config import load_config
-
-    step, _ = random_row_step(load_config(None, base=config_of(args)))
+    config = random_row_config(args.model, args.dtype, args.length, args.device, dropout=args.dropout)
+    step, _ = random_row_step(config)
     for _ in range(COUNTED_STEP - 1):
         step(args.batch_size, args.length)
     with CountOperators() as counter:
@@ -106,7 +98,6 @@ def main() -> None:
     print(f"{'total':48}" + "".join(f"{sum(c.values()):>16}" for c in sides.values()))
     for name in names[:args.top]:
         print(f"{name:48}" + "".join(f"{c[name]:>16}" for c in sides.values()))
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
