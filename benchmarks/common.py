@@ -76,6 +76,6 @@ def random_row_step(config):
         rows = torch.randint(3, vocab, (batch_size, length)).tolist()
         train_step(trained, [[[{"input_ids": r, "labels": r}] for r in rows]], 0, device, autocast, scaler,
                    causal=True)
-        optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+        optimizer_step(optimizer, scheduler, scaler, 1.0)
 
     return step, device

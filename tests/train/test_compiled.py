@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import compiled as compiled_module
 from loralab.train.causal_attention import use_chunked_attention
-from loralab.train.compiled import compile_blocks
+from loralab.train.compiled import compile_model
 from loralab.train.swiglu import fuse_swiglu
 from tiny_models import losses_and_gradients, tiny_model
 
@@ -43,7 +43,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients_dropout_masks_included(
     fuse_swiglu(eager)
     compiled = copy.deepcopy(eager)
     assert use_chunked_attention(compiled)
-    compile_blocks(compiled)
+    compile_model(compiled)
     ids = torch.randint(3, 128, (2, 40))
     results = []
     for model in (eager, compiled):
@@ -52,6 +52,29 @@ def test_compiled_blocks_give_eager_losses_and_gradients_dropout_masks_included(
     (loss, grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_grads, grads, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_compiled_whole_is_one_graph_for_all_lengths_with_eager_losses_and_gradients():
+    # train.compile: model -- embeddings and every block in one graph: one set of guards and wrappers a step
+    torch._dynamo.reset()
+    counters.clear()
+    eager = lora_llama(dropout=0.1)
+    fuse_swiglu(eager)
+    compiled = copy.deepcopy(eager)
+    use_chunked_attention(compiled)
+    compile_model(compiled, "model")
+    for length in (40, 23):
+        ids = torch.randint(3, 128, (2, length))
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            results += losses_and_gradients([model], ids)
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled_grads, grads, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["autograd_cache_bypass"] == 0
 
 
 def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypatch):
@@ -63,7 +86,7 @@ def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypat
         torch._dynamo.reset()
         monkeypatch.setattr(compiled_module, "ACTIVATION_BUDGET", budget)
         model = lora_llama(dropout=0.1)
-        compile_blocks(model)
+        compile_model(model)
         kept[budget] = saved_bytes_of_forward(model, ids)
     torch._dynamo.reset()
     one_input_copy_per_block = model.config.num_hidden_layers * ids.numel() * model.config.hidden_size * 4
@@ -80,7 +103,7 @@ def test_blocks_trace_once_into_graphs_the_compile_cache_can_store_and_only_for_
     fuse_swiglu(model)
     eager = copy.deepcopy(model).eval()
     use_chunked_attention(model)  # one graph for every length: the chunks are one opaque operator
-    compile_blocks(model)
+    compile_model(model)
     for length in (17, 40):
         ids = torch.randint(3, 128, (2, length))
         model(input_ids=ids, labels=ids).loss.backward()

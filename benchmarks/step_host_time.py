@@ -1,0 +1,126 @@
+"""The host's share of a training step: loralab (eager, compiled per block, compiled whole) against HF PEFT +
+transformers Trainer, on a model so narrow that its kernels cost next to nothing.
+
+    python benchmarks/step_host_time.py                    # Llama-1B's depth (16 blocks), widths of 16
+    python benchmarks/step_host_time.py --layers 32        # Llama-8B's depth
+
+A small model's step on a fast GPU is bound by the host: Python, operator dispatch, compiled code's guards and
+wrappers, kernel launches (BENCHMARKS.md, GPU section). Shrinking every width to 16 (2 heads of 8, MLP 32, 1,000
+words) while keeping the depth leaves a step whose time is that host work alone, on any machine. Rows are 15
+tokens, under the length where loralab's CPU attention splits queries into chunks, so both sides run one
+attention call per layer, as on a GPU. Each setting runs in its own fresh process (compiled code is
+process-wide): loralab's train_step + optimizer_step, and the peer's real `Trainer.train()` timed between its
+step callbacks (its batch is already collated then; loralab's time includes collating). Reported: the median
+of the timed steps after warm-up (compiling included in the warm-up), and the peer's time over each setting's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import random_row_config, random_row_step, run_side
+from rich.console import Console
+from rich.table import Table
+
+SETTINGS = {"PEFT + Trainer": None, "loralab": [], "loralab train.compile=true": ["train.compile=true"],
+            "loralab train.compile=model": ["train.compile=model"]}
+WARMUP = 5
+
+
+def narrow_llama(folder: Path, layers: int) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+
+
+def time_loralab(args, overrides: list[str]) -> list[float]:
+    config = random_row_config(args.model, "fp32", args.length, args.device, overrides)
+    step, device = random_row_step(config)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = []
+    for _ in range(WARMUP + args.steps):
+        start = time.perf_counter()
+        step(args.batch_size, args.length)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds[WARMUP:]
+
+
+def time_peer(args) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.1,
+                                             target_modules=["q_proj", "v_proj"]))
+    steps = WARMUP + args.steps
+    rows = torch.randint(3, 1000, (args.batch_size * steps, args.length)).tolist()
+    data = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    seconds = []
+
+    class TimeSteps(TrainerCallback):
+        def on_step_begin(self, training_args, state, control, **kwargs):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            sync()
+            seconds.append(time.perf_counter() - self.start)
+
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=steps,
+        learning_rate=1e-4, save_strategy="no", report_to="none", logging_steps=10**6,
+        use_cpu=args.device == "cpu", disable_tqdm=True)
+    Trainer(model=model, args=training_args, train_dataset=data, callbacks=[TimeSteps()]).train()
+    return seconds[WARMUP:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--length", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps, after warm-up")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # set for the sides
+    parser.add_argument("--side", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:
+        overrides = SETTINGS[args.side]
+        seconds = time_peer(args) if overrides is None else time_loralab(args, overrides)
+        print(json.dumps({"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds)}))
+        return
+
+    with tempfile.TemporaryDirectory() as folder:
+        narrow_llama(Path(folder), args.layers)
+        argv = [*sys.argv[1:], "--model", folder]
+        results = {name: run_side(__file__, name, argv) for name in SETTINGS}
+    peer = results["PEFT + Trainer"]["median_ms"]
+    table = Table(title=f"host time of one optimizer step: {args.layers} blocks of width 16, {args.batch_size} x "
+                        f"{args.length} tokens, {args.device} ({platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+    for column in ("setting", "median ms", "min ms", "peer / this"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for name, result in results.items():
+        table.add_row(name, f"{result['median_ms']:.1f}", f"{result['min_ms']:.1f}",
+                      f"{peer / result['median_ms']:.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
