@@ -27,3 +27,13 @@ def test_crashes_exit_with_their_own_code_and_traceback(monkeypatch, capsys):
     assert main(["targets", "x"]) == cli.CRASH != USER_ERROR
     err = capsys.readouterr().err
     assert "Traceback" in err and "kaboom" in err and "not bad input" in err
+
+
+def test_estimate_offers_checkpointing_uncompiled_when_the_run_compiles(tmp_path, model_dirs, capsys):
+    # compiled layers cannot also be checkpointed (refused in the config), so the other column drops compile
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: sft\nmodel:\n  path: {model_dirs['llama']}\ndata:\n  train: t.json\n"
+                      "train:\n  compile: true\n")
+    assert main(["estimate", str(config), "--budget", "8MiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "as configured" in out and "(not compiled)" in out

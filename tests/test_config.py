@@ -31,7 +31,8 @@ def test_yaml_and_dotted_overrides_become_typed_config(tmp_path):
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing", None),
     ("train.batch_size=big", "train.batch_size", "int or auto"),
     ("train.compile=whole", "train.compile", "bool or model"),
-    ("train.compile=model train.gradient_checkpointing=true", "train.compile", "train.compile=true"),
+    ("train.compile=true train.gradient_checkpointing=2", "train.compile", "use one"),
+    ("train.compile=model train.gradient_checkpointing=true", "train.compile", "use one"),
     ("train.compile=model distributed=fsdp", "train.compile", "train.compile=true"),
 ])
 def test_bad_keys_and_values_name_the_key_and_suggest(override, field, fix):

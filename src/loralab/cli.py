@@ -90,9 +90,12 @@ def cmd_estimate(args) -> None:
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
     budget = parse_bytes(args.budget) if args.budget else device_memory(config.train.device)
     other = not config.train.gradient_checkpointing
+    uncompiled = other and config.train.compile  # compiled layers cannot also be checkpointed
     variants = {"as configured": config,
-                f"with{'' if other else 'out'} gradient checkpointing": dataclasses.replace(
-                    config, train=dataclasses.replace(config.train, gradient_checkpointing=other))}
+                f"with{'' if other else 'out'} gradient checkpointing{' (not compiled)' if uncompiled else ''}":
+                    dataclasses.replace(config, train=dataclasses.replace(
+                        config.train, gradient_checkpointing=other, compile=False if uncompiled else
+                        config.train.compile))}
     estimates, fits = {}, {}
     for name, variant in variants.items():
         with planner(variant) as estimate:

@@ -246,8 +246,10 @@ def _check_values(config: RunConfig, file: str | None) -> None:
          "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
-        ("train.compile", t.compile, t.compile != "model" or not t.gradient_checkpointing,
-         "a model compiled whole cannot recompute its layers; use train.compile=true (per block) with checkpointing"),
+        # torch's partitioner fails on compiled layers that are also checkpointed (mid-run, after loading)
+        ("train.compile", t.compile, not (t.compile and t.gradient_checkpointing),
+         "compiled layers cannot also be checkpointed; use one: train.compile (which keeps fewer activations "
+         "itself) or train.gradient_checkpointing"),
         ("train.compile", t.compile, t.compile != "model" or config.distributed == "ddp",
          "fsdp shards per block; use train.compile=true (per block) with distributed: fsdp"),
     ):
