@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,6 +121,25 @@ def test_largest_batch_size_fits_the_budget_and_the_next_does_not(mid_llama):
     (next_one,) = estimate_memory(config, [best.batch_size + 1])
     assert next_one.total > budget
     assert largest_batch_size(config, parse_bytes("100MB")) is None
+
+
+@pytest.mark.parametrize("curve,budget,expected", [
+    (lambda b: 100 + 10 * b, 1000, 90),  # linear, as the first two estimates assume
+    (lambda b: 100 + b * b, 1000, 30),  # steeper than they say
+    (lambda b: 100 + 100 * b ** 0.5, 1000, 81),  # flatter: the guess is far below the answer
+    (lambda b: 100 + b, 10**9, 1024),  # everything fits: the limit
+    (lambda b: 100 + 10 * b, 105, None),  # not even one
+])
+def test_largest_batch_size_finds_the_edge_of_any_growing_curve_in_few_estimates(curve, budget, expected):
+    sizes = []
+
+    def estimate(batch_size):
+        sizes.append(batch_size)
+        return SimpleNamespace(batch_size=batch_size, total=curve(batch_size))
+
+    best = largest_batch_size(None, budget, limit=1024, estimate=estimate)
+    assert (best and best.batch_size) == expected
+    assert len(sizes) <= 2 + 2 + 10  # the two that place the guess, it and its neighbour, halving 1024
 
 
 def test_parse_bytes():

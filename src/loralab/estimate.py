@@ -173,8 +173,9 @@ def estimate_memory(config: RunConfig, batch_sizes: list[int]) -> list[MemoryEst
 
 def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estimate=None) -> MemoryEstimate | None:
     """The largest micro-batch (≤ limit) whose estimate fits `budget` bytes, or None if even 1 does not. Memory
-    grows about linearly with the batch: two estimates place the answer, a few more confirm it exactly.
-    `estimate`: an open planner(config), to reuse its model."""
+    grows about linearly with the batch: two estimates give a guess, which is tried with its neighbour, and
+    halving settles the rest (each estimate takes seconds; stepping one batch size at a time from a guess a
+    hundred off took minutes). `estimate`: an open planner(config), to reuse its model."""
     with contextlib.nullcontext(estimate) if estimate else planner(config) as estimate:
         one = estimate(1)
         if one.total > budget:
@@ -183,15 +184,22 @@ def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estima
             return one
         probe = estimate(min(8, limit))
         per_example = max((probe.total - one.total) / (probe.batch_size - 1), 1.0)
-        best = estimate(max(1, min(limit, 1 + int((budget - one.total) / per_example))))
-        while best.total > budget:  # overshot: step down
-            best = estimate(max(1, best.batch_size - max(1, int((best.total - budget) / per_example))))
-        while best.batch_size < limit:  # undershot: step up while the next still fits
-            bigger = estimate(best.batch_size + 1)
-            if bigger.total > budget:
-                break
-            best = bigger
-        return best
+        # fits: the largest size known to fit; too_big: the smallest known not to
+        fits, too_big = (one, probe.batch_size) if probe.total > budget else (probe, limit + 1)
+        size = 1 + int((budget - one.total) / per_example)
+        neighbour = True
+        while too_big - fits.batch_size > 1:
+            if not fits.batch_size < size < too_big:
+                size = (fits.batch_size + too_big) // 2
+            current = estimate(size)
+            if current.total > budget:
+                too_big = size
+            else:
+                fits = current
+            # after the guess, its neighbour (usually the answer's other side); then halving
+            size = (size - 1 if current.total > budget else size + 1) if neighbour else 0
+            neighbour = False
+        return fits
 
 
 def device_memory(device: str) -> int:
