@@ -49,6 +49,31 @@ def random_row_config(model: str, dtype: str, length: int, device: str, override
         "data": {"train": "unused.json", "max_length": length}, "train": {"device": device}})
 
 
+def train_peer_on_random_rows(model_path: str, dtype: str, batch_size: int, length: int, steps: int, device: str,
+                              callback, dropout: float = 0.1) -> None:
+    """The peer's side of the step benchmarks: HF PEFT (LoRA r=8 on q/v) + the real `Trainer.train()` for `steps`
+    optimizer steps of random full rows; `callback` (a TrainerCallback) observes its steps."""
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=dropout,
+                                             target_modules=["q_proj", "v_proj"]))
+    vocab = model.get_input_embeddings().num_embeddings
+    rows = torch.randint(3, vocab, (batch_size * steps, length)).tolist()
+    data = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4,
+            save_strategy="no", report_to="none", logging_steps=10**6, bf16=dtype == "bf16", use_cpu=device == "cpu",
+            disable_tqdm=True)
+        Trainer(model=model, args=training_args, train_dataset=data, callbacks=[callback]).train()
+
+
 def random_row_step(config):
     """One optimizer step of the training loop's own functions (train_step, optimizer_step) on the model `train`
     would build from `config` (an sft RunConfig), fed random full rows: step(batch_size, length). Returns (step,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_row_config, random_row_step, run_side
+from common import random_row_config, random_row_step, run_side, train_peer_on_random_rows
 from rich.console import Console
 from rich.table import Table
 
@@ -59,16 +59,8 @@ def time_loralab(args, overrides: list[str]) -> list[float]:
 
 
 def time_peer(args) -> list[float]:
-    from datasets import Dataset
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.1,
-                                             target_modules=["q_proj", "v_proj"]))
-    steps = WARMUP + args.steps
-    rows = torch.randint(3, 1000, (args.batch_size * steps, args.length)).tolist()
-    data = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     seconds = []
 
@@ -81,11 +73,8 @@ def time_peer(args) -> list[float]:
             sync()
             seconds.append(time.perf_counter() - self.start)
 
-    training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=steps,
-        learning_rate=1e-4, save_strategy="no", report_to="none", logging_steps=10**6,
-        use_cpu=args.device == "cpu", disable_tqdm=True)
-    Trainer(model=model, args=training_args, train_dataset=data, callbacks=[TimeSteps()]).train()
+    train_peer_on_random_rows(args.model, "fp32", args.batch_size, args.length, WARMUP + args.steps, args.device,
+                              TimeSteps())
     return seconds[WARMUP:]
 
 

@@ -18,7 +18,7 @@ import argparse
 import collections
 
 import torch
-from common import random_row_config, random_row_step
+from common import random_row_config, random_row_step, train_peer_on_random_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 
 NOT_KERNELS = {torch.ops.aten.detach.default, torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
@@ -49,17 +49,8 @@ def count_loralab(args) -> collections.Counter:
 
 
 def count_peer(args) -> collections.Counter:
-    from datasets import Dataset
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
-                                             lora_dropout=args.dropout, target_modules=["q_proj", "v_proj"]))
-    vocab = model.get_input_embeddings().num_embeddings
-    rows = torch.randint(3, vocab, (args.batch_size * COUNTED_STEP, args.length)).tolist()
-    data = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
     counter = CountOperators()
 
     class CountOneStep(TrainerCallback):
@@ -71,11 +62,8 @@ def count_peer(args) -> collections.Counter:
             if state.global_step == COUNTED_STEP:
                 counter.__exit__(None, None, None)
 
-    training_args = TrainingArguments(
-        output_dir="/tmp/step_operators_peer", per_device_train_batch_size=args.batch_size, max_steps=COUNTED_STEP,
-        learning_rate=1e-4, save_strategy="no", report_to="none", logging_steps=1, bf16=args.dtype == "bf16",
-        use_cpu=args.device == "cpu", disable_tqdm=True)
-    Trainer(model=model, args=training_args, train_dataset=data, callbacks=[CountOneStep()]).train()
+    train_peer_on_random_rows(args.model, args.dtype, args.batch_size, args.length, COUNTED_STEP, args.device,
+                              CountOneStep(), dropout=args.dropout)
     return counter.counts
 
 

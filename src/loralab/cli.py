@@ -94,8 +94,7 @@ def cmd_estimate(args) -> None:
     variants = {"as configured": config,
                 f"with{'' if other else 'out'} gradient checkpointing{' (not compiled)' if uncompiled else ''}":
                     dataclasses.replace(config, train=dataclasses.replace(
-                        config.train, gradient_checkpointing=other, compile=False if uncompiled else
-                        config.train.compile))}
+                        config.train, gradient_checkpointing=other, compile=config.train.compile and not other))}
     estimates, fits = {}, {}
     for name, variant in variants.items():
         with planner(variant) as estimate:
