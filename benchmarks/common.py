@@ -21,10 +21,11 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_side(script: str, side: str, argv: list[str]) -> dict:
-    """`python script ARGV --side SIDE` in a fresh process; its last stdout line is the JSON result."""
+def run_side(script: str, side: str, argv: list[str], env: dict | None = None) -> dict:
+    """`python script ARGV --side SIDE` in a fresh process (`env` added to this one's environment); its last
+    stdout line is the JSON result."""
     result = subprocess.run([sys.executable, script, *argv, "--side", side], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                            env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
                                 [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])})
     if result.returncode != 0:
         sys.exit(f"the {side} side failed:\n{result.stderr[-4000:]}")

