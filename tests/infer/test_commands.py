@@ -120,7 +120,8 @@ def test_several_adapters_on_one_base(trained, model_dirs, tmp_path):
         assert json.loads((tmp_path / "o.jsonl").read_text())["output"] == "Paris is the capital."
 
 
-@pytest.mark.parametrize("case", ["other_base", "empty_prompts", "unknown_name", "no_tokenizer", "no_adapter_dir"])
+@pytest.mark.parametrize("case", ["other_base", "empty_prompts", "unknown_name", "no_tokenizer", "no_adapter_dir",
+                                  "answer_past_positions"])
 def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     model, adapter, extra = str(model_dirs["llama"]), str(trained["sft"]), []
@@ -141,6 +142,10 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
         for f in ("adapter_config.json", "adapter_model.safetensors", "loralab.json"):
             (tmp_path / "adapter_only" / f).write_bytes((trained["sft"] / f).read_bytes())
         expected = "cannot load a tokenizer"
+    elif case == "answer_past_positions":  # the tiny llama handles 2048 positions
+        prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "hi " * 3000}])
+        extra = ["--max-new-tokens", "16"]
+        expected = "p.jsonl:2: this prompt is"
     else:
         adapter = str(tmp_path / "missing")
         expected = "adapter folder not found"
@@ -162,3 +167,30 @@ def test_no_chat_template_anywhere_is_a_clear_error():
     with pytest.raises(Exception, match="neither the adapter nor the tokenizer has a chat template"):
         chat_template(loaded)
     assert "### Instruction" in chat_template(loaded, "alpaca")
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_positions():
+    from types import SimpleNamespace
+
+    from loralab.data.templates import encode_prompt
+    from loralab.infer.generate import fitting_prompt
+    from loralab.infer.load import Loaded
+    from loralab.infer.settings import InferenceSettings
+    from tiny_tokenizer import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    jinja = tokenizer.chat_template
+    history = [{"role": "user", "content": "first question here"}, {"role": "assistant", "content": "an answer"},
+               {"role": "user", "content": "second"}]
+    whole, last = (len(encode_prompt(tokenizer, jinja, turns)) for turns in (history, history[2:]))
+
+    def prompt(limit, kept):
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=limit))
+        loaded = Loaded(model=model, tokenizer=tokenizer, settings=InferenceSettings(), device=torch.device("cpu"),
+                        dtype=torch.float32)
+        return fitting_prompt(loaded, jinja, None, kept, 8)
+
+    kept = list(history)
+    assert prompt(whole + 8, kept).shape[1] == whole and kept == history  # fits: kept whole
+    assert prompt(whole + 7, kept).shape[1] == last and kept == history[2:]  # the first exchange goes
+    assert prompt(last + 7, kept) is None and kept == history[2:]  # the message alone does not fit

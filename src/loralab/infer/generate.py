@@ -15,7 +15,7 @@ from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt, resolve_template
 from loralab.errors import LoralabError
 from loralab.infer.load import Loaded
-from loralab.tasks.evaluation import generate
+from loralab.tasks.evaluation import generate, position_limit
 
 
 def chat_template(loaded: Loaded, override: str | None = None) -> str:
@@ -72,6 +72,15 @@ def generate_file(loaded: Loaded, input_path: str, output_path: str, batch_size:
     jinja = chat_template(loaded, template)
     system = system or loaded.settings.system
     prompts = [{"input_ids": encode_prompt(loaded.tokenizer, jinja, prompt_turns(r, system))} for r in records]
+    limit = position_limit(loaded.model)
+    for record, prompt in zip(records, prompts, strict=True):
+        length = len(prompt["input_ids"])
+        if limit and length + max_new_tokens > limit:
+            raise record.error(
+                f"this prompt is {length} tokens (with the template); with max_new_tokens={max_new_tokens} the "
+                f"answer would run past the {limit} positions the model handles",
+                fix=f"--max-new-tokens {limit - length}" if length < limit else
+                f"shorten this prompt to under {limit - max_new_tokens} tokens")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))  # similar lengths together
     tok = loaded.tokenizer
     with Progress(transient=True) as progress:
@@ -106,6 +115,20 @@ class _Streamer(TextStreamer):
         self.stream.flush()
 
 
+def fitting_prompt(loaded: Loaded, jinja: str, system: str | None, history: list[dict], max_new_tokens: int):
+    """The chat's prompt ids on the device, its oldest exchanges dropped from `history` (in place) until the prompt
+    and the answer fit the model's positions; None when the last message alone does not."""
+    limit = position_limit(loaded.model)
+    while True:
+        turns = ([{"role": "system", "content": system}] if system else []) + history
+        ids = encode_prompt(loaded.tokenizer, jinja, turns)
+        if not limit or len(ids) + max_new_tokens <= limit:
+            return torch.tensor([ids], device=loaded.device)
+        if len(history) == 1:
+            return None
+        del history[:2]  # the oldest user message and its answer
+
+
 def chat(loaded: Loaded, input_stream, output_stream, system: str | None = None, temperature: float = 0.7,
          top_p: float = 0.9, max_new_tokens: int = 256, template: str | None = None) -> None:
     """A terminal chat: one line per user turn, the answer streamed as it is generated; /reset, /exit."""
@@ -128,8 +151,12 @@ def chat(loaded: Loaded, input_stream, output_stream, system: str | None = None,
             output_stream.write("(history cleared)\n")
             continue
         history.append({"role": "user", "content": text})
-        turns = ([{"role": "system", "content": system}] if system else []) + history
-        ids = torch.tensor([encode_prompt(tok, jinja, turns)], device=loaded.device)
+        ids = fitting_prompt(loaded, jinja, system, history, max_new_tokens)
+        if ids is None:
+            history.pop()
+            output_stream.write(f"(that message is too long for this model's {position_limit(loaded.model)} "
+                                f"positions with max_new_tokens={max_new_tokens}: send a shorter one)\n")
+            continue
         with torch.no_grad(), loaded.autocast():
             out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                         streamer=_Streamer(tok, output_stream),

@@ -36,10 +36,26 @@ def loss_sum(loss: torch.Tensor, labels: torch.Tensor, shifted: bool) -> tuple[f
     return loss.item() * n, n
 
 
+def position_limit(model) -> int | None:
+    """The most positions the model handles (models with learned position tables crash past it); None: unbounded."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def fit_to_positions(width: int, max_new_tokens: int, limit: int | None) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) so that both fit `limit` positions: new tokens are cut to the room the
+    prompt leaves, but not below a quarter of the positions (or max_new_tokens); the prompt then loses its start."""
+    if limit is None or width + max_new_tokens <= limit:
+        return width, max_new_tokens
+    new = min(max_new_tokens, max(limit - width, limit // 4))
+    return min(width, limit - new), new
+
+
 def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, device, autocast,
              sampling: dict | None = None, on_batch=None) -> list[str]:
     """Continuations of tokenized prompts (left-padded in batches), decoded and trimmed; greedy unless `sampling`
-    gives generate() options. on_batch(n) is called after each batch of n prompts (for progress bars)."""
+    gives generate() options. on_batch(n) is called after each batch of n prompts (for progress bars). Prompt
+    and answer are kept within the model's positions (fit_to_positions): sample answers and label generation
+    during training must not crash a run; `loralab generate` checks its prompts first."""
     was_training = model.training
     model.eval()
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
@@ -49,9 +65,11 @@ def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tok
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
-                batch = {k: v.to(device) for k, v in batch.items()}
+                keep, new = fit_to_positions(batch["input_ids"].shape[1], options["max_new_tokens"],
+                                             position_limit(model))
+                batch = {k: v[:, v.shape[1] - keep:].to(device) for k, v in batch.items()}
                 with autocast:
-                    out = model.generate(**batch, **options)
+                    out = model.generate(**batch, **{**options, "max_new_tokens": new})
                 new = out[:, batch["input_ids"].shape[1]:]
                 answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if on_batch:
