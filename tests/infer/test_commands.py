@@ -74,7 +74,7 @@ def test_chat_streams_multi_turn_and_no_adapter_answers_differently(trained, mod
 def test_merge_writes_a_plain_model_with_the_same_outputs(trained, model_dirs, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dirs["llama"]), "--adapter", str(trained["sft"]),
-                 "--out", str(out)]) == 0
+                 "--output", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # transformers alone
     assert not any("lora" in k for k in merged.state_dict())
     loaded = load_for_inference(str(model_dirs["llama"]), {"default": str(trained["sft"])}, dtype="fp32")
