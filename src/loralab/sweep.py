@@ -81,12 +81,13 @@ def plan(config_path: str, grid: list[str], overrides: list[str]) -> list[tuple[
 def is_finished(config: RunConfig) -> bool:
     """Done, with this very config (a changed config is left to `train`, which refuses to mix two runs)."""
     from loralab.config import to_dict
-    from loralab.train.loop import _differences
+    from loralab.train.loop import WATCHING, _differences
 
     saved = config.run_dir / "config.yaml"
     if not (config.run_dir / "report.json").is_file() or not saved.is_file():
         return False
-    return not _differences(yaml.safe_load(saved.read_text(encoding="utf-8")), to_dict(config))
+    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    return all(key in WATCHING for key, _, _ in _differences(old, to_dict(config)))
 
 
 def run_sweep(config_path: str, grid: list[str], overrides: list[str], console) -> list[Path]:

@@ -115,6 +115,22 @@ def test_overrides_and_resume_of_a_finished_run(tmp_path, model_dirs, capsys):
     assert run(config, "lora.r=4", "train.overwrite=true") == 0
 
 
+def test_a_finished_run_continues_for_more_epochs(tmp_path, model_dirs, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT])
+    config = write_config(tmp_path / "run.yaml", name="r", output_dir=str(tmp_path / "runs"), task="classification",
+                          model={"path": str(model_dirs["bert"])}, data={"train": str(data), "validation": str(data)},
+                          train={"epochs": 1, "batch_size": 2})
+    assert run(config) == 0  # 3 steps
+    real_step, steps = loop.optimizer_step, []
+    monkeypatch.setattr(loop, "optimizer_step", lambda *args: steps.append(1) or real_step(*args))
+    assert run(config, "train.epochs=2", "train.log_every=1") == 0  # longer, logged more often: the same run
+    assert len(steps) == 3  # steps 4 to 6 only
+    report = read_report(tmp_path / "runs" / "r")
+    assert [e["step"] for e in report["evaluations"]] == [0, 3, 6]  # the base model was not scored again
+    assert yaml.safe_load((tmp_path / "runs/r/config.yaml").read_text())["train"]["epochs"] == 2
+    assert run(config, "train.epochs=1") == USER_ERROR  # shorter than what was trained: another run
+
+
 @pytest.mark.parametrize("override,message", [
     ("lora.rank=4", "field 'lora.rank': unknown config key (fix: did you mean 'r'?)"),
     ("train.lr=fast", "field 'train.lr': expected float, got 'fast'"),

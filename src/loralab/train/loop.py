@@ -53,9 +53,17 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
 
 
+# settings that change how a run is watched and saved, not what it trains: a resumed run may change them
+WATCHING = {"train.resume", "train.overwrite", "train.log_every", "train.tensorboard", "train.eval_every",
+            "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints"}
+# raised, these continue a run past its old end; its schedule then runs to the new end from where it stands
+LENGTH = {"train.epochs", "train.max_steps"}
+
+
 def prepare_run_dir(config: RunConfig) -> bool:
     """Create runs/<name>, or decide to resume it. Returns True when resuming. A folder holding another run is
-    never touched unless train.overwrite is set."""
+    never touched unless train.overwrite is set. The same run may come back with other WATCHING settings, or
+    longer (more epochs or steps)."""
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -70,30 +78,37 @@ def prepare_run_dir(config: RunConfig) -> bool:
                 old = to_dict(load_config(saved))
             except LoralabError:
                 pass
-            differences = _differences(old, to_dict(config))
+            differences = [d for d in _differences(old, to_dict(config))
+                           if d[0] not in WATCHING and not (d[0] in LENGTH and _longer(d[1], d[2]))]
             if differences:
-                raise LoralabError(f"the output folder holds a different run ({'; '.join(differences[:3])})",
-                                   file=str(run_dir), fix="choose another name, or train.overwrite=true")
+                listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in differences[:3])
+                raise LoralabError(f"the output folder holds a different run ({listed})", file=str(run_dir),
+                                   fix="choose another name, or train.overwrite=true (only more train.epochs or "
+                                       "train.max_steps, or logging and checkpoint settings, continue it)")
             if config.train.resume == "never":
                 raise LoralabError("the output folder already holds this run", file=str(run_dir),
                                    fix="train.resume=auto to continue it, or train.overwrite=true to start over")
+            save_config(config, saved)  # what the run continues with
             return bool(list_checkpoints(run_dir / "checkpoints"))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
     return False
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    ignored = {"train.resume", "train.overwrite"}
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{name}.")
-        elif a != b and name not in ignored:
-            out.append(f"{name}: {a!r} -> {b!r}")
+        elif a != b:
+            out.append((name, a, b))
     return out
+
+
+def _longer(old, new) -> bool:
+    return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old
 
 
 def load_data(config: RunConfig):
