@@ -112,6 +112,11 @@ def test_overrides_and_resume_of_a_finished_run(tmp_path, model_dirs, capsys):
     assert run(config, "lora.r=4") == USER_ERROR  # a different run in the same folder is refused
     assert "lora.r: 2 -> 4" in capsys.readouterr().err
     assert (tmp_path / "runs/r/adapter/adapter_model.safetensors").read_bytes() == adapter  # untouched
+    # a replacement that cannot start (no such model, bad data) leaves the old run as it was
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    for bad in (f"model.path={tmp_path / 'nowhere'}", f"data.train={tmp_path / 'bad.jsonl'}"):
+        assert run(config, "lora.r=4", "train.overwrite=true", bad) == USER_ERROR
+        assert (tmp_path / "runs/r/adapter/adapter_model.safetensors").read_bytes() == adapter
     assert run(config, "lora.r=4", "train.overwrite=true") == 0
 
 

@@ -60,39 +60,42 @@ WATCHING = {"train.resume", "train.overwrite", "train.log_every", "train.tensorb
 LENGTH = {"train.epochs", "train.max_steps"}
 
 
-def prepare_run_dir(config: RunConfig) -> bool:
-    """Create runs/<name>, or decide to resume it. Returns True when resuming. A folder holding another run is
-    never touched unless train.overwrite is set. The same run may come back with other WATCHING settings, or
-    longer (more epochs or steps)."""
+def check_run_dir(config: RunConfig) -> bool:
+    """Whether runs/<name> holds this run to resume; refuses a folder holding another run (unless train.overwrite
+    is set). Writes nothing: open_run_dir does, once the model and data have loaded, so that a run that fails to
+    start (a wrong path, bad data) leaves an existing folder as it was, even with train.overwrite. The same run
+    may come back with other WATCHING settings, or longer (more epochs or steps)."""
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if config.train.overwrite:
-            shutil.rmtree(run_dir)
-        elif not saved.is_file():
-            raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
-                               fix="choose another name, or train.overwrite=true to replace it")
-        else:
-            old = yaml.safe_load(saved.read_text(encoding="utf-8"))
-            try:  # settings added since that run was saved take their defaults
-                old = to_dict(load_config(saved))
-            except LoralabError:
-                pass
-            differences = [d for d in _differences(old, to_dict(config))
-                           if d[0] not in WATCHING and not (d[0] in LENGTH and _longer(d[1], d[2]))]
-            if differences:
-                listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in differences[:3])
-                raise LoralabError(f"the output folder holds a different run ({listed})", file=str(run_dir),
-                                   fix="choose another name, or train.overwrite=true (only more train.epochs or "
-                                       "train.max_steps, or logging and checkpoint settings, continue it)")
-            if config.train.resume == "never":
-                raise LoralabError("the output folder already holds this run", file=str(run_dir),
-                                   fix="train.resume=auto to continue it, or train.overwrite=true to start over")
-            save_config(config, saved)  # what the run continues with
-            return bool(list_checkpoints(run_dir / "checkpoints"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
-    return False
+    if not run_dir.exists() or not any(run_dir.iterdir()) or config.train.overwrite:
+        return False
+    if not saved.is_file():
+        raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
+                           fix="choose another name, or train.overwrite=true to replace it")
+    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    try:  # settings added since that run was saved take their defaults
+        old = to_dict(load_config(saved))
+    except LoralabError:
+        pass
+    differences = [d for d in _differences(old, to_dict(config))
+                   if d[0] not in WATCHING and not (d[0] in LENGTH and _longer(d[1], d[2]))]
+    if differences:
+        listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in differences[:3])
+        raise LoralabError(f"the output folder holds a different run ({listed})", file=str(run_dir),
+                           fix="choose another name, or train.overwrite=true (only more train.epochs or "
+                               "train.max_steps, or logging and checkpoint settings, continue it)")
+    if config.train.resume == "never":
+        raise LoralabError("the output folder already holds this run", file=str(run_dir),
+                           fix="train.resume=auto to continue it, or train.overwrite=true to start over")
+    return bool(list_checkpoints(run_dir / "checkpoints"))
+
+
+def open_run_dir(config: RunConfig) -> None:
+    """The run folder as check_run_dir decided: emptied first under train.overwrite; config.yaml (re)written."""
+    if config.train.overwrite and config.run_dir.exists():
+        shutil.rmtree(config.run_dir)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, config.run_dir / "config.yaml")
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -243,12 +246,8 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
 def _train(config: RunConfig, console: Console, world: World) -> dict:
     if not world.main:
         log.setLevel(logging.WARNING)  # one process speaks
-    # the main process decides (and writes) the run folder; the others follow once it has
-    resuming = prepare_run_dir(config) if world.main else False
-    barrier(world)
-    run_dir = config.run_dir
-    if not world.main:
-        resuming = bool(list_checkpoints(run_dir / "checkpoints"))
+    resuming = check_run_dir(config) if world.main else False
+    requested, run_dir = config, config.run_dir
     device = device_of(world, pick_device(config.train.device))
     if config.train.batch_size == "auto":
         config = with_planned_batch(config, console)
@@ -294,6 +293,13 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     if config.data.packing:
         check_packing(model, device, autocast)
+    # started: the main process writes the run folder (the config as given, batch_size auto included); the
+    # others follow once it has
+    if world.main:
+        open_run_dir(requested)
+    barrier(world)
+    if not world.main:
+        resuming = bool(list_checkpoints(run_dir / "checkpoints"))
     best_metric = task.MAIN_METRIC if t.best_metric == "auto" else t.best_metric
     examples_per_step = t.batch_size * world.size * t.grad_accum
     state = {"step": 0, "epoch": 0, "batch": 0, "examples_per_step": examples_per_step, "tokens": 0, "seconds": 0.0,
