@@ -92,6 +92,17 @@ def test_no_match_lists_the_linear_layers_that_exist():
     assert not wrapped_names(model)
 
 
+@pytest.mark.parametrize("targets,named", [(["q_proj", "embed_tokens"], "Embedding"), (["q_proj", "qproj"], None)])
+def test_a_listed_target_that_matches_nothing_is_refused_while_others_match(targets, named):
+    model = tiny_model("llama")
+    with pytest.raises(LoralabError) as err:
+        apply_lora(model, LoraConfig(target_modules=targets))
+    message = str(err.value)
+    assert f"target_modules {targets[1]} matched no linear layer" in message and "q_proj" in message
+    assert (named in message and "modules_to_save" in message) if named else "modules_to_save" not in message
+    assert not wrapped_names(model)  # refused before anything was wrapped
+
+
 def test_regex_suffix_and_layer_selection():
     model = apply_lora(tiny_model("llama"), LoraConfig(target_modules=r".*\.layers\.1\.self_attn\.(q|k)_proj"))
     assert wrapped_names(model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]

@@ -118,6 +118,23 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
+def check_every_target_matches(model: nn.Module, targets: list[str] | str) -> None:
+    """A listed target that names no linear layer would be left out without a word (PEFT does so while others
+    match): a typo, or a module LoRA does not adapt here, such as embeddings."""
+    if isinstance(targets, str):
+        return  # a regex: matching nothing at all is refused below
+    linear = linear_module_names(model)
+    missing = [t for t in targets if not any(name_matches(n, [t]) for n in linear)]
+    if not missing:
+        return
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n and name_matches(n, missing)}
+    other = (f" ({', '.join(sorted(kinds))}: LoRA adapts linear layers here; lora.modules_to_save trains a module "
+             "in full and saves it with the adapter)") if kinds else ""
+    raise LoralabError(f"target_modules {', '.join(missing)} matched no linear layer of this "
+                       f"{type(model).__name__}{other}", field="lora.target_modules",
+                       fix=f"pick from this model's linear layers: {', '.join(linear_suffixes(model))}")
+
+
 def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str, list[str]]:
     """Return (target_modules as PEFT should record them, full names of the modules to wrap)."""
     skip = list(config.modules_to_save or [])
@@ -132,6 +149,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | s
     else:
         if spec is None:
             spec = default_targets(model)
+        else:
+            check_every_target_matches(model, spec)
         chosen = [n for n in candidates if name_matches(n, spec)]
         if config.layers_to_transform is not None and not isinstance(spec, str):
             wanted = set(config.layers_to_transform)
