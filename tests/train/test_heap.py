@@ -22,3 +22,31 @@ def test_freed_heap_pages_go_back_to_the_system():
     assert release_free_heap()
     assert before - resident_bytes() > 200 * 2**20  # of the 366 MiB freed in the middle of the heap
     assert top.sum() == 24_000
+
+
+def test_trims_inside_a_training_step_every_few_blocks_and_change_nothing(monkeypatch):
+    import loralab.train.heap as heap
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6).train()
+    calls = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
+    ids = torch.randint(3, 100, (2, 9))
+
+    def loss_and_gradients():
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain = loss_and_gradients()
+    assert heap.trim_inside_steps(model, every=4) == 2  # blocks 0 and 4 of 6
+    assert not calls
+    trimmed = loss_and_gradients()
+    assert len(calls) == 4  # after blocks 0 and 4 in the forward pass, before them in the backward pass
+    assert torch.equal(plain[0], trimmed[0]) and all(map(torch.equal, plain[1], trimmed[1]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.eval()(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 4  # not in evaluation, generation or eval-mode passes

@@ -41,7 +41,7 @@ from loralab.train.distributed import (
     sum_over_ranks,
     whole_root,
 )
-from loralab.train.heap import TRIM_EVERY, release_free_heap
+from loralab.train.heap import TRIM_EVERY, release_free_heap, trim_inside_steps
 from loralab.train.lm_loss import TrainingLoss, check_packing
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
@@ -156,6 +156,8 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     if config.train.compile:
         compile_model(model, config.train.compile)
+    else:
+        trim_inside_steps(model)  # on the CPU (the C heap's holes inside a step)
     return model.to(device), fresh
 
 
