@@ -65,11 +65,11 @@ def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tok
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
-                keep, new = fit_to_positions(batch["input_ids"].shape[1], options["max_new_tokens"],
-                                             position_limit(model))
+                keep, room = fit_to_positions(batch["input_ids"].shape[1], options["max_new_tokens"],
+                                              position_limit(model))
                 batch = {k: v[:, v.shape[1] - keep:].to(device) for k, v in batch.items()}
                 with autocast:
-                    out = model.generate(**batch, **{**options, "max_new_tokens": new})
+                    out = model.generate(**batch, **{**options, "max_new_tokens": room})
                 new = out[:, batch["input_ids"].shape[1]:]
                 answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if on_batch:

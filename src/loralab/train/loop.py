@@ -24,6 +24,7 @@ from loralab.infer.settings import save_inference_settings
 from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
+from loralab.tasks.evaluation import position_limit
 from loralab.train.causal_attention import use_chunked_attention
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
 from loralab.train.compiled import compile_model
@@ -264,7 +265,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     # fsdp: the model loads on the CPU and fully_shard moves each process's part to its device
     fsdp = world.size > 1 and config.distributed == "fsdp"
     model, fresh = setup_model(config, data, torch.device("cpu") if fsdp else device, dtype)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = position_limit(model)
     longest = max(len(e["input_ids"]) for e in data.train + data.validation)
     if positions and longest > positions:
         raise LoralabError(f"examples are up to {longest} tokens long but the model handles {positions} positions",
