@@ -40,6 +40,16 @@ def without_workdir(argv: list[str], workdir: Path) -> list[str]:
     return [*argv, "--workdir", str(workdir)]
 
 
+def trainer_rows(rows: list[dict]):
+    """The peer's training set as the seeds build it, a datasets.Dataset; where datasets cannot be imported (a GPU
+    image whose pyarrow does not match it) the plain list of the same rows, which the Trainer reads alike."""
+    try:
+        from datasets import Dataset
+    except Exception:
+        return rows
+    return Dataset.from_list(rows)
+
+
 def random_row_config(model: str, dtype: str, length: int, device: str, overrides=(), dropout: float = 0.1):
     """The sft RunConfig the step benchmarks train on: LoRA r=8 on q/v, rows of up to `length` tokens."""
     from loralab.config import load_config
@@ -56,7 +66,6 @@ def train_peer_on_random_rows(model_path: str, dtype: str, batch_size: int, leng
     optimizer steps of random full rows; `callback` (a TrainerCallback) observes its steps."""
     import tempfile
 
-    from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -66,7 +75,7 @@ def train_peer_on_random_rows(model_path: str, dtype: str, batch_size: int, leng
                                              target_modules=["q_proj", "v_proj"]))
     vocab = model.get_input_embeddings().num_embeddings
     rows = torch.randint(3, vocab, (batch_size * steps, length)).tolist()
-    data = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
+    data = trainer_rows([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows])
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4,

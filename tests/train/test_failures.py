@@ -1,5 +1,6 @@
 """Crashes and bad luck: disk full while saving, NaN losses, SIGKILL at random moments."""
 
+import contextlib
 import errno
 import os
 import random
@@ -72,6 +73,22 @@ def test_nan_steps_are_skipped_and_counted_then_stop_the_run(tmp_path, model_dir
     assert main(["train", str(config_for(tmp_path, model_dirs, "all"))]) == USER_ERROR
     err = capsys.readouterr().err
     assert "NaN/inf for 10 steps in a row" in err and "fp16" in err and "train.lr" in err
+
+
+def test_a_nan_micro_batch_still_runs_its_backward_and_makes_the_step_nan():
+    """Every process must run every backward (DDP all-reduces inside it; one that skipped would leave the others
+    waiting); the step's loss carries the NaN, so the loop drops the step and its gradients."""
+    weight = torch.nn.Parameter(torch.ones(2))
+
+    class Loss(torch.nn.Module):
+        def forward(self, input_ids, **batch):
+            return (weight * input_ids.float()).sum() * (float("nan") if input_ids[0, 0] == 9 else 1.0)
+
+    rows = [[[{"input_ids": [1, 2], "labels": [1, 2]}]], [[{"input_ids": [9, 2], "labels": [9, 2]}]]]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, tokens = loop.train_step(Loss(), rows, 0, torch.device("cpu"), contextlib.nullcontext(), scaler)
+    assert loss != loss and tokens == 4  # NaN
+    assert weight.grad is not None and torch.isnan(weight.grad).all()  # both backward passes ran
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_adapter(tmp_path, model_dirs):

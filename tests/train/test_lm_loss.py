@@ -101,6 +101,28 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(model_type):
     check_packing(model, "cpu", torch.autocast("cpu", enabled=False))  # passes on a model that keeps rows apart
 
 
+class RoundingLM(torch.nn.Module):
+    """Keeps examples apart, but its logits carry rounding that depends on the row's length, as bf16 kernels'
+    do (SmolLM2 in bf16: 2% of the largest logit between a 5-token row and a 12-token one)."""
+
+    def __init__(self, rounding: float):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 8)
+        self.rounding = rounding
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, position_ids, use_cache):
+        logits = self.embed(input_ids) + position_ids[..., None]
+        noise = torch.sin(torch.arange(logits.numel()).view_as(logits) * (1.0 + input_ids.shape[1]))
+        return type("Output", (), {"logits": logits + self.rounding * noise * logits.abs().max()})
+
+
+def test_packing_check_tells_rounding_from_attention_across_examples():
+    check_packing(RoundingLM(0.03), "cpu", torch.autocast("cpu", enabled=False))  # refused before: 3% > 1%
+
+
 def test_packing_is_refused_for_a_model_whose_attention_crosses_examples():
     model = lora_model("bloom")  # ALiBi attention ignores position ids
     with pytest.raises(LoralabError, match="data.packing"):

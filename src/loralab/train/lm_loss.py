@@ -110,7 +110,11 @@ def check_packing(model: nn.Module, device, autocast) -> None:
             packed = logits(torch.cat([a, b], 1), torch.cat(positions, 1))
     finally:
         model.train(was_training)
-    if (apart - packed).abs().max() > 1e-2 * apart.abs().max() + 1e-3:
+    # The first example comes first in the row, so causal attention gives it the same logits either way: what
+    # differs there is rounding (kernels pick other tilings for another length; 2% of the largest logit for
+    # SmolLM2 in bf16). The second example must agree as closely; attention across examples moves it far more.
+    rounding = (apart - packed)[:, :5].abs().max()
+    if (apart - packed)[:, 5:].abs().max() > 4 * rounding + 1e-2 * apart.abs().max() + 1e-3:
         raise LoralabError(f"{type(model).__name__} lets packed examples attend to each other (its attention "
                            "does not restart with the position ids)", field="data.packing",
                            fix="data.packing=false (length-grouped batches waste little padding)")

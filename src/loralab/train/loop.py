@@ -471,15 +471,18 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
             batch.pop("attention_mask", None)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    loss_value, tokens = 0.0, 0
+    losses = []
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # under DDP, gradients are all-reduced only on the step's last micro-batch
         sync = i == len(batches) - 1 or not hasattr(loss_module, "no_sync")
         with autocast, (contextlib.nullcontext() if sync else loss_module.no_sync()):
             loss = loss_module(**batch) * (count * world.size / max(total, 1.0))
-            if torch.isfinite(loss):
-                scaler.scale(loss).backward()
-        loss_value += loss.item()
+            # backward even for a NaN/inf loss: every process must take part in DDP's all-reduce, and the step's
+            # loss is then not finite, so the caller drops the step and its gradients. Looking at the loss here
+            # would also make the host wait for a GPU's forward pass before it could queue the backward.
+            scaler.scale(loss).backward()
+        losses.append(loss.detach())
+    loss_value = torch.stack(losses).sum().item()  # the step's one wait for the device
     tokens = sum(len(e["input_ids"]) for rows in micro for row in rows for e in row)
     return loss_value, tokens
 
