@@ -49,7 +49,7 @@ def run_config(args, workdir: Path) -> dict:
         "model": {"path": args.model, "gguf_file": args.gguf_file, "dtype": args.dtype},
         "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
         "data": {"train": str(workdir / "train.json"), "max_length": args.max_length, "template": "auto"},
-        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
                   "max_grad_norm": 1.0, "log_every": 10, "keep_checkpoints": 1, "device": args.device,
                   "overwrite": True, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile},
     }
@@ -74,7 +74,7 @@ def side_peft(args, workdir: Path) -> dict:
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r,
                                              lora_dropout=args.dropout, target_modules=args.targets))
     training_args = TrainingArguments(
-        output_dir=str(workdir / "peft"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+        output_dir=str(workdir / "peft"), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
         learning_rate=args.lr, lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none",
         seed=args.seed, bf16=args.dtype == "bf16", use_cpu=args.device == "cpu",
         gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile)
@@ -86,7 +86,7 @@ def side_peft(args, workdir: Path) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     model.save_pretrained(workdir / "peft" / "adapter")
-    tokens = sum(len(e["input_ids"]) for e in examples)
+    tokens = args.epochs * sum(len(e["input_ids"]) for e in examples)
     return {"tokens": tokens, "seconds": seconds, "peak_bytes": peak_bytes(args.device)}
 
 
@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--heldout", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the examples, on both sides (more "
+                        "passes spread each side's first-step costs thinner)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
@@ -246,7 +248,8 @@ def main() -> None:
     else:
         cached.write_text(json.dumps({"key": key, "result": {**peft_result, "heldout_loss": losses["peft"]}}))
 
-    table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples, batch "
+    passes = f" x {args.epochs} epochs" if args.epochs > 1 else ""
+    table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples{passes}, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
                         f"{args.dtype}, {args.device}{', compiled on both sides' if args.compile else ''}; "
                         f"loralab {' '.join(args.loralab) or '(defaults)'}")
