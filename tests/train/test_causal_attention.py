@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loralab.data.collate import pack_batch
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import causal_attention
-from loralab.train.causal_attention import chunked_causal_attention, use_chunked_attention
+from loralab.train.causal_attention import chunked_causal_attention, packed_causal_attention, use_chunked_attention
 from tiny_models import losses_and_gradients, tiny_model
 
 
@@ -84,6 +85,36 @@ def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_
         assert torch.equal(answer, model.generate(input_ids=prompt, **settings))
     # only generation's first pass over the prompt (no mask needed, no cache yet) is chunked
     assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monkeypatch):
+    model = tiny_model(model_type)
+    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    switched = copy.deepcopy(model)
+    assert use_chunked_attention(switched)
+    calls = []
+    monkeypatch.setattr(causal_attention, "packed_causal_attention",
+                        lambda *args: calls.append(args[3]) or packed_causal_attention(*args))
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(3, 128, (n,), generator=g).tolist()} for n in (150, 60, 90, 100, 20, 1)]
+    for e in examples:
+        e["labels"] = e["input_ids"]
+    # a row of two long examples (chunked), one of three and a one-token example, and padding
+    batch = pack_batch([[examples[0], examples[1]], [examples[2], examples[3], examples[4], examples[5]]], pad_id=0)
+    results = []
+    for m in (model, switched):
+        loss = m(**batch, use_cache=False).loss  # as training runs it: a cache turns packed masking off
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert calls[0] == [[0, 150, 210], [0, 90, 190, 210]]  # 210: the first row's padding
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
 
 
 def test_models_not_on_sdpa_are_left_alone():

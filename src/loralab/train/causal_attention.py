@@ -11,13 +11,19 @@ kernels skip masked blocks themselves, so they keep plain SDPA.
 The chunks run torch's CPU flash kernel directly (its forward returns the softmax's log-normaliser, which its
 backward takes), as two custom operators, forward and backward: torch.compile sees one opaque call each way.
 
+Packed rows (`data.packing`: several examples a row, positions restarting at each) get the same treatment one
+example at a time: the mask transformers builds for them makes SDPA compute the whole square of the row and then
+hide all but the examples' own triangles (4 rows of 512 tokens holding 3 examples, SmolLM2's heads: 165 -> 117 ms
+a layer, forward and backward).
+
 It is installed as an attention implementation of transformers' own (AttentionInterface) and falls back to
-transformers' SDPA function for everything else: masks (padding, packed examples), key-value caches, dropout.
+transformers' SDPA function for everything else: other masks (padding), key-value caches, dropout.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -109,21 +115,57 @@ def backward(ctx, grad_out, _grad_logsumexp):
 chunked_causal_attention.register_autograd(backward, setup_context=save_for_backward)
 
 
+def example_starts(position_ids: torch.Tensor | None, rows: int) -> list[list[int]] | None:
+    """Where each packed row's examples start (their positions restart at 0), or None for rows of one sequence."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != rows:
+        return None
+    restarts = position_ids[:, 1:] == 0
+    if not restarts.any():
+        return None
+    return [[0] + (torch.nonzero(row).flatten() + 1).tolist() for row in restarts]
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of whole rows, (batch, length, heads, dim) out: chunked from SHORTEST tokens on."""
+    shortest = SHORTEST_COMPILED if torch.compiler.is_compiling() else SHORTEST
+    if query.shape[2] >= shortest:
+        return chunked_causal_attention(query, key, value, scale)[0]
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def packed_causal_attention(query, key, value, starts: list[list[int]], scale: float) -> torch.Tensor:
+    """Each example of each packed row attends causally to itself alone."""
+    length = query.shape[2]
+    rows = []
+    for row, row_starts in enumerate(starts):
+        rows.append(torch.cat([causal_attention(query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
+                                                value[row:row + 1, :, start:end], scale)
+                               for start, end in zip(row_starts, row_starts[1:] + [length], strict=True)], dim=1))
+    return torch.cat(rows)
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; chunked for unmasked causal self-attention on CPU."""
+    """transformers' attention-function signature; chunked for causal self-attention on CPU, unmasked or packed."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     length = query.shape[2]
-    shortest = SHORTEST_COMPILED if torch.compiler.is_compiling() else SHORTEST
-    chunked = (query.device.type == "cpu" and causal and attention_mask is None and dropout == 0.0
-               and key.shape[2] == length >= shortest and query.shape[-1] == value.shape[-1]
-               and kwargs.get("softcap") is None and kwargs.get("position_bias") is None)
-    if not chunked:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return chunked_causal_attention(query, key, value, scale)[0], None
+    ours = (query.device.type == "cpu" and causal and dropout == 0.0 and key.shape[2] == length
+            and query.shape[-1] == value.shape[-1] and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None)
+    if ours and attention_mask is None:
+        return causal_attention(query, key, value, scale), None
+    # packed rows carry the mask transformers made from their restarting positions (compiled blocks keep it: the
+    # examples' bounds are data, and would stop the graph at every step)
+    if ours and attention_mask is not None and not torch.compiler.is_compiling():
+        starts = example_starts(kwargs.get("position_ids"), query.shape[0])
+        if starts is not None:
+            return packed_causal_attention(query, key, value, starts, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
 
 
 AttentionInterface.register(NAME, attention_forward)
