@@ -41,8 +41,8 @@ def without_workdir(argv: list[str], workdir: Path) -> list[str]:
 
 
 def trainer_rows(rows: list[dict]):
-    """The peer's training set as the seeds build it, a datasets.Dataset; where datasets cannot be imported (a GPU
-    image whose pyarrow does not match it) the plain list of the same rows, which the Trainer reads alike."""
+    """The peer's training set as the seeds build it, a datasets.Dataset; where datasets cannot be imported (the
+    H200 image lacks its `multiprocess`) the plain list of the same rows, which the Trainer reads alike."""
     try:
         from datasets import Dataset
     except Exception:

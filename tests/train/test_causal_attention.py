@@ -48,11 +48,9 @@ def test_the_operators_pass_torchs_custom_op_checks():
                           (torch.randn_like(out), query.detach(), key.detach(), value.detach(), out, logsumexp, 0.3))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2"])
-def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_chunked(model_type, monkeypatch):
-    # (gpt2 with its dropout off: with attention dropout on, it runs SDPA)
-    gpt2 = dict(n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    model = tiny_model(model_type, **(gpt2 if model_type == "gpt2" else {}))
+def plain_and_switched(model_type, **model_settings):
+    """A tiny LoRA model in training mode on transformers' SDPA, and a copy switched to loralab's attention."""
+    model = tiny_model(model_type, **model_settings)
     targets = {"gpt2": ["c_attn"]}.get(model_type, ["q_proj", "v_proj"])
     apply_lora(model, LoraConfig(r=4, target_modules=targets, dropout=0.0))
     for name, p in model.named_parameters():  # nonzero B, so every path carries gradient
@@ -61,6 +59,14 @@ def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_
     model.train()
     switched = copy.deepcopy(model)
     assert use_chunked_attention(switched)
+    return model, switched
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2"])
+def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_chunked(model_type, monkeypatch):
+    # (gpt2 with its dropout off: with attention dropout on, it runs SDPA)
+    gpt2 = dict(n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model, switched = plain_and_switched(model_type, **(gpt2 if model_type == "gpt2" else {}))
     calls = []
     monkeypatch.setattr(causal_attention, "chunked_causal_attention",
                         lambda *args: calls.append(args[0].shape) or chunked_causal_attention(*args))
@@ -89,14 +95,7 @@ def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monkeypatch):
-    model = tiny_model(model_type)
-    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], dropout=0.0))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    model.train()
-    switched = copy.deepcopy(model)
-    assert use_chunked_attention(switched)
+    model, switched = plain_and_switched(model_type)
     calls = []
     monkeypatch.setattr(causal_attention, "packed_causal_attention",
                         lambda *args: calls.append(args[3]) or packed_causal_attention(*args))
