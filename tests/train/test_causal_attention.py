@@ -110,10 +110,93 @@ def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monke
         loss = m(**batch, use_cache=False).loss  # as training runs it: a cache turns packed masking off
         loss.backward()
         results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
-    assert calls[0] == [[0, 150, 210], [0, 90, 190, 210]]  # 210: the first row's padding
+    # the rows end to end (211 tokens each): 210 is the first row's padding, 421 the one-token example
+    assert calls[0].bounds == [0, 150, 210, 211, 301, 401, 421, 422]
+    assert calls[0].longest == 150
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+
+
+def packed_examples(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
+
+
+def test_packed_rows_under_a_sliding_window_shorter_than_an_example_keep_sdpa(monkeypatch):
+    model, switched = plain_and_switched("mistral", sliding_window=16)
+    calls = []
+    monkeypatch.setattr(causal_attention, "packed_causal_attention", lambda *args: calls.append(args))
+    examples = packed_examples(40, 20, 30)
+    batch = pack_batch([examples[:2], examples[2:]], pad_id=0)
+    losses = [m(**batch, use_cache=False).loss for m in (model, switched)]
+    assert calls == []  # one example at a time would ignore the window
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+
+
+def reference_varlen_kernel(seen):
+    """Stands in for torch's CUDA flash kernel on CPU, with its calling convention: (tokens, heads, dim) tensors,
+    int32 offsets of the sequences, their longest length; causal SDPA over each sequence."""
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug_mask, scale):
+        seen.append((cu_q, max_q))
+        assert cu_q is cu_k and max_q == max_k and dropout == 0.0 and causal and not debug_mask
+        out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                              scale=scale, enable_gqa=True).transpose(0, 1)
+               for a, b in zip(cu_q.tolist(), cu_q[1:].tolist())]
+        return torch.cat(out), None, None, None, None
+    return kernel
+
+
+def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(monkeypatch):
+    seen = []
+    monkeypatch.setattr(causal_attention, "flash_varlen", reference_varlen_kernel(seen))
+    torch.manual_seed(0)
+    query = torch.randn(2, 12, 4, 8).transpose(1, 2).requires_grad_()  # as transformers passes them
+    key, value = (torch.randn(2, 12, 2, 8).transpose(1, 2).requires_grad_() for _ in range(2))
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + list(range(3))])
+    segments = causal_attention.packed_segments(positions, rows=2)
+    assert segments.bounds == [0, 5, 12, 21, 24] and segments.longest == 9
+    assert causal_attention.packed_segments(positions, rows=2) is segments  # once a forward pass
+    grad_out = torch.randn(2, 12, 4, 8)
+    results = []
+    for attention in (causal_attention.varlen_causal_attention, packed_causal_attention):
+        out = attention(query, key, value, segments, 0.3)
+        results.append((out, *torch.autograd.grad(out, (query, key, value), grad_out)))
+    cu_seqlens, longest = seen[0]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == segments.bounds and longest == 9
+    for varlen, per_example in zip(*results, strict=True):
+        torch.testing.assert_close(varlen, per_example)
+    unpacked = torch.arange(12).expand(2, 12)
+    assert causal_attention.packed_segments(unpacked, rows=2) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
+    # the real flash kernel (bf16): the packed loss and gradients against each example run alone
+    model, switched = plain_and_switched("llama", head_dim=64, num_attention_heads=4, hidden_size=256)
+    model, switched = model.cuda().bfloat16(), switched.cuda().bfloat16()
+    assert causal_attention.varlen_fits(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
+    calls = []
+    monkeypatch.setattr(causal_attention, "varlen_causal_attention",
+                        lambda *args: calls.append(args) or causal_attention.varlen_causal_attention(*args))
+    examples = packed_examples(150, 60, 90, 100, 1)
+    batch = {k: v.cuda() for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
+    packed = switched(**batch, use_cache=False).loss
+    packed.backward()
+    assert len(calls) == model.config.num_hidden_layers
+    # each example alone through plain SDPA, its loss weighted by its scored tokens
+    total, scored = 0.0, 0
+    for e in examples:
+        ids = torch.tensor([e["input_ids"]], device="cuda")
+        n = len(e["input_ids"]) - 1
+        if n:
+            total = total + model(input_ids=ids, labels=ids).loss * n
+            scored += n
+    (total / scored).backward()
+    torch.testing.assert_close(packed.float(), (total / scored).float(), atol=2e-2, rtol=2e-2)
+    for (name, p), q in zip(switched.named_parameters(), model.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.float(), q.grad.float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
 def test_models_not_on_sdpa_are_left_alone():

@@ -14,13 +14,17 @@ backward takes), as two custom operators, forward and backward: torch.compile se
 Packed rows (`data.packing`: several examples a row, positions restarting at each) get the same treatment one
 example at a time: the mask transformers builds for them makes SDPA compute the whole square of the row and then
 hide all but the examples' own triangles (4 rows of 512 tokens holding 3 examples, SmolLM2's heads: 165 -> 117 ms
-a layer, forward and backward).
+a layer, forward and backward). On a GPU in half precision, packed rows go to torch's flash kernel in its
+variable-length form, all examples in one call.
 
 It is installed as an attention implementation of transformers' own (AttentionInterface) and falls back to
 transformers' SDPA function for everything else: other masks (padding), key-value caches, dropout.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ CHUNKS = 4
 SHORTEST, SHORTEST_COMPILED = 128, 16
 flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+flash_varlen = torch.ops.aten._flash_attention_forward  # CUDA; autograd gives it its backward kernel
 
 
 def query_chunks(query: torch.Tensor):
@@ -115,14 +120,30 @@ def backward(ctx, grad_out, _grad_logsumexp):
 chunked_causal_attention.register_autograd(backward, setup_context=save_for_backward)
 
 
-def example_starts(position_ids: torch.Tensor | None, rows: int) -> list[list[int]] | None:
-    """Where each packed row's examples start (their positions restart at 0), or None for rows of one sequence."""
+class Segments(NamedTuple):
+    """Packed rows laid end to end: where each example (and each row's padding) begins, as token offsets plus the
+    total (`bounds`, on the host), the same as int32 on the rows' device (`cu_seqlens`, for the varlen kernel), and
+    the longest example."""
+    bounds: list[int]
+    cu_seqlens: torch.Tensor
+    longest: int
+
+
+def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | None:
+    """The examples of packed rows (positions restart at 0 at each), or None for rows of one sequence each. Worked
+    out once a forward pass and kept on the position_ids tensor, which every layer receives: on a GPU, reading
+    them is the pass's one wait for the device."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != rows:
         return None
-    restarts = position_ids[:, 1:] == 0
-    if not restarts.any():
-        return None
-    return [[0] + (torch.nonzero(row).flatten() + 1).tolist() for row in restarts]
+    if not hasattr(position_ids, "_loralab_segments"):
+        starts = torch.nonzero(position_ids.flatten() == 0).flatten()
+        bounds = starts.tolist() + [position_ids.numel()]
+        segments = None
+        if len(bounds) - 1 > rows:  # some row holds more than one sequence
+            cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
+            segments = Segments(bounds, cu_seqlens, max(b - a for a, b in zip(bounds, bounds[1:])))
+        position_ids._loralab_segments = segments
+    return position_ids._loralab_segments
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -135,35 +156,67 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2)
 
 
-def packed_causal_attention(query, key, value, starts: list[list[int]], scale: float) -> torch.Tensor:
-    """Each example of each packed row attends causally to itself alone."""
-    length = query.shape[2]
-    rows = []
-    for row, row_starts in enumerate(starts):
-        rows.append(torch.cat([causal_attention(query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                                                value[row:row + 1, :, start:end], scale)
-                               for start, end in zip(row_starts, row_starts[1:] + [length], strict=True)], dim=1))
-    return torch.cat(rows)
+def end_to_end(tensor: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length, dim) as transformers passes it -> (batch * length, heads, dim); a view when the
+    tensor is, as usual, a transposed (batch, length, heads, dim) one."""
+    batch, heads, length, dim = tensor.shape
+    return tensor.transpose(1, 2).reshape(batch * length, heads, dim)
+
+
+def packed_causal_attention(query, key, value, segments: Segments, scale: float) -> torch.Tensor:
+    """Each example of each packed row attends causally to itself alone (CPU: chunked as above when long)."""
+    q, k, v = end_to_end(query), end_to_end(key), end_to_end(value)
+    out = [causal_attention(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)), scale)
+           for start, end in zip(segments.bounds, segments.bounds[1:])]
+    return torch.cat(out, dim=1).view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+
+
+def varlen_causal_attention(query, key, value, segments: Segments, scale: float) -> torch.Tensor:
+    """The same on a GPU, in one call of torch's flash-attention kernel over every example of every row (its
+    variable-length form: grouped-query heads as they are, no mask, only the examples' own triangles computed).
+    Without it, SDPA takes the block mask transformers builds from the positions and its memory-efficient kernel
+    computes the rows' whole squares."""
+    out = flash_varlen(
+        end_to_end(query), end_to_end(key), end_to_end(value), segments.cu_seqlens, segments.cu_seqlens,
+        segments.longest, segments.longest, 0.0, True, False, scale=scale)[0]
+    return out.view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+
+
+@functools.cache
+def flash_kernel_runs_on(device: torch.device) -> bool:
+    """torch's flash kernel: built in (CUDA, not ROCm here), switched on, an Ampere or newer GPU."""
+    return (device.type == "cuda" and torch.version.cuda is not None and torch.backends.cuda.flash_sdp_enabled()
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def varlen_fits(query: torch.Tensor) -> bool:
+    return (query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and flash_kernel_runs_on(query.device))
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; chunked for causal self-attention on CPU, unmasked or packed."""
+    """transformers' attention-function signature: chunked for unmasked causal self-attention on CPU, one example
+    at a time for packed rows (CPU, and GPUs with torch's flash kernel); transformers' SDPA otherwise."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     length = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    ours = (query.device.type == "cpu" and causal and dropout == 0.0 and key.shape[2] == length
-            and query.shape[-1] == value.shape[-1] and kwargs.get("softcap") is None
-            and kwargs.get("position_bias") is None)
-    if ours and attention_mask is None:
+    window = kwargs.get("sliding_window")
+    ours = (causal and dropout == 0.0 and key.shape[2] == length and query.shape[-1] == value.shape[-1]
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and (window is None or window >= length))
+    cpu = query.device.type == "cpu"
+    if ours and cpu and attention_mask is None:
         return causal_attention(query, key, value, scale), None
     # packed rows carry the mask transformers made from their restarting positions (compiled blocks keep it: the
     # examples' bounds are data, and would stop the graph at every step)
-    if ours and attention_mask is not None and not torch.compiler.is_compiling():
-        starts = example_starts(kwargs.get("position_ids"), query.shape[0])
-        if starts is not None:
-            return packed_causal_attention(query, key, value, starts, scale), None
+    if ours and attention_mask is not None and not torch.compiler.is_compiling() and (cpu or varlen_fits(query)):
+        segments = packed_segments(kwargs.get("position_ids"), query.shape[0])
+        if segments is not None:
+            packed = packed_causal_attention if cpu else varlen_causal_attention
+            return packed(query, key, value, segments, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
