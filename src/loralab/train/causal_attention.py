@@ -24,6 +24,7 @@ transformers' SDPA function for everything else: other masks (padding), key-valu
 from __future__ import annotations
 
 import functools
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -141,7 +142,7 @@ def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | 
         segments = None
         if len(bounds) - 1 > rows:  # some row holds more than one sequence
             cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
-            segments = Segments(bounds, cu_seqlens, max(b - a for a, b in zip(bounds, bounds[1:])))
+            segments = Segments(bounds, cu_seqlens, max(b - a for a, b in pairwise(bounds)))
         position_ids._loralab_segments = segments
     return position_ids._loralab_segments
 
@@ -167,7 +168,7 @@ def packed_causal_attention(query, key, value, segments: Segments, scale: float)
     """Each example of each packed row attends causally to itself alone (CPU: chunked as above when long)."""
     q, k, v = end_to_end(query), end_to_end(key), end_to_end(value)
     out = [causal_attention(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)), scale)
-           for start, end in zip(segments.bounds, segments.bounds[1:])]
+           for start, end in pairwise(segments.bounds)]
     return torch.cat(out, dim=1).view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
 
 
