@@ -177,9 +177,8 @@ def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
     model, switched = plain_and_switched("llama", head_dim=64, num_attention_heads=4, hidden_size=256)
     model, switched = model.cuda().bfloat16(), switched.cuda().bfloat16()
     assert causal_attention.varlen_fits(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
-    calls = []
-    monkeypatch.setattr(causal_attention, "varlen_causal_attention",
-                        lambda *args: calls.append(args) or causal_attention.varlen_causal_attention(*args))
+    calls, varlen = [], causal_attention.varlen_causal_attention
+    monkeypatch.setattr(causal_attention, "varlen_causal_attention", lambda *args: calls.append(args) or varlen(*args))
     examples = packed_examples(150, 60, 90, 100, 1)
     batch = {k: v.cuda() for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
     packed = switched(**batch, use_cache=False).loss
