@@ -169,6 +169,9 @@ def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(mo
         torch.testing.assert_close(varlen, per_example)
     unpacked = torch.arange(12).expand(2, 12)
     assert causal_attention.packed_segments(unpacked, rows=2) is None
+    # a row need not start at position 0 (left padding at 1, as some generation code has it)
+    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 0, 1]])
+    assert causal_attention.packed_segments(left_padded, rows=2).bounds == [0, 2, 5, 8, 10]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -197,6 +200,18 @@ def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
     for (name, p), q in zip(switched.named_parameters(), model.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.float(), q.grad.float(), atol=5e-2, rtol=5e-2, msg=name)
+
+
+def test_left_padded_prompts_generate_as_with_sdpa():
+    # generation's positions restart at each pad and at each prompt's first token: the packed path takes them
+    model, switched = plain_and_switched("llama")
+    model.eval(), switched.eval()
+    ids = torch.randint(3, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(switched.generate(input_ids=ids, **settings), model.generate(input_ids=ids, **settings))
 
 
 def test_models_not_on_sdpa_are_left_alone():

@@ -137,8 +137,9 @@ def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | 
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != rows:
         return None
     if not hasattr(position_ids, "_loralab_segments"):
-        starts = torch.nonzero(position_ids.flatten() == 0).flatten()
-        bounds = starts.tolist() + [position_ids.numel()]
+        starts = position_ids == 0
+        starts[:, 0] = True  # each row starts one, whatever its first position (left padding's is 1)
+        bounds = torch.nonzero(starts.flatten()).flatten().tolist() + [position_ids.numel()]
         segments = None
         if len(bounds) - 1 > rows:  # some row holds more than one sequence
             cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
