@@ -202,16 +202,19 @@ def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
             torch.testing.assert_close(p.grad.float(), q.grad.float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
-def test_left_padded_prompts_generate_as_with_sdpa():
-    # generation's positions restart at each pad and at each prompt's first token: the packed path takes them
+def test_left_padded_prompts_generate_as_with_sdpa_in_one_call(monkeypatch):
+    # generation's positions restart at each pad and at each prompt's first token, as packed rows' do
     model, switched = plain_and_switched("llama")
     model.eval(), switched.eval()
+    calls = []
+    monkeypatch.setattr(causal_attention, "packed_causal_attention", lambda *args: calls.append(args))
     ids = torch.randint(3, 128, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
     with torch.no_grad():
         assert torch.equal(switched.generate(input_ids=ids, **settings), model.generate(input_ids=ids, **settings))
+    assert calls == []
 
 
 def test_models_not_on_sdpa_are_left_alone():

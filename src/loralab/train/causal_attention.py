@@ -213,8 +213,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if ours and cpu and attention_mask is None:
         return causal_attention(query, key, value, scale), None
     # packed rows carry the mask transformers made from their restarting positions (compiled blocks keep it: the
-    # examples' bounds are data, and would stop the graph at every step)
-    if ours and attention_mask is not None and not torch.compiler.is_compiling() and (cpu or varlen_fits(query)):
+    # examples' bounds are data, and would stop the graph at every step). Left-padded prompts look alike (each pad
+    # restarts at 0); without gradients, on CPU, they keep one SDPA call rather than one call per pad.
+    if (ours and attention_mask is not None and not torch.compiler.is_compiling()
+            and (varlen_fits(query) if not cpu else torch.is_grad_enabled())):
         segments = packed_segments(kwargs.get("position_ids"), query.shape[0])
         if segments is not None:
             packed = packed_causal_attention if cpu else varlen_causal_attention
