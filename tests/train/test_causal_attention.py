@@ -158,6 +158,12 @@ def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(mo
     segments = causal_attention.packed_segments(positions, rows=2)
     assert segments.bounds == [0, 5, 12, 21, 24] and segments.longest == 9
     assert causal_attention.packed_segments(positions, rows=2) is segments  # once a forward pass
+    reused = positions.clone()
+    causal_attention.packed_segments(reused, rows=2)
+    reused[1] = torch.arange(12)  # a buffer written to again is read again
+    assert causal_attention.packed_segments(reused, rows=2).bounds == [0, 5, 12, 24]
+    with torch.inference_mode():  # tensors without a version counter: read every time
+        assert causal_attention.packed_segments(positions.clone(), rows=2).bounds == segments.bounds
     grad_out = torch.randn(2, 12, 4, 8)
     results = []
     for attention in (causal_attention.varlen_causal_attention, packed_causal_attention):

@@ -136,7 +136,9 @@ def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | 
     them is the pass's one wait for the device."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != rows:
         return None
-    if not hasattr(position_ids, "_loralab_segments"):
+    version, segments = getattr(position_ids, "_loralab_segments", (None, None))
+    current = None if position_ids.is_inference() else position_ids._version  # inference tensors keep none
+    if current is None or version != current:  # first seen, or written to since
         starts = position_ids == 0
         starts[:, 0] = True  # each row starts one, whatever its first position (left padding's is 1)
         bounds = torch.nonzero(starts.flatten()).flatten().tolist() + [position_ids.numel()]
@@ -144,8 +146,8 @@ def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | 
         if len(bounds) - 1 > rows:  # some row holds more than one sequence
             cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
             segments = Segments(bounds, cu_seqlens, max(b - a for a, b in pairwise(bounds)))
-        position_ids._loralab_segments = segments
-    return position_ids._loralab_segments
+        position_ids._loralab_segments = current, segments
+    return segments
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
