@@ -94,16 +94,18 @@ def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_
     assert len(calls) == model.config.num_hidden_layers
 
 
+def packed_examples(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monkeypatch):
     model, switched = plain_and_switched(model_type)
     calls = []
     monkeypatch.setattr(causal_attention, "packed_causal_attention",
                         lambda *args: calls.append(args[3]) or packed_causal_attention(*args))
-    g = torch.Generator().manual_seed(0)
-    examples = [{"input_ids": torch.randint(3, 128, (n,), generator=g).tolist()} for n in (150, 60, 90, 100, 20, 1)]
-    for e in examples:
-        e["labels"] = e["input_ids"]
+    examples = packed_examples(150, 60, 90, 100, 20, 1)
     # a row of two long examples (chunked), one of three and a one-token example, and padding
     batch = pack_batch([[examples[0], examples[1]], [examples[2], examples[3], examples[4], examples[5]]], pad_id=0)
     results = []
@@ -117,11 +119,6 @@ def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monke
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
-
-
-def packed_examples(*lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": (ids := torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
 
 
 def test_packed_rows_under_a_sliding_window_shorter_than_an_example_keep_sdpa(monkeypatch):
@@ -148,22 +145,32 @@ def reference_varlen_kernel(seen):
     return kernel
 
 
+PACKED_POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + list(range(3))])
+
+
+def test_packed_segments_are_read_once_a_pass_and_again_after_a_write():
+    positions = PACKED_POSITIONS.clone()
+    segments = causal_attention.packed_segments(positions, rows=2)
+    assert segments.bounds == [0, 5, 12, 21, 24] and segments.longest == 9
+    assert causal_attention.packed_segments(positions, rows=2) is segments  # once a forward pass
+    positions[1] = torch.arange(12)  # a buffer written to again is read again
+    assert causal_attention.packed_segments(positions, rows=2).bounds == [0, 5, 12, 24]
+    with torch.inference_mode():  # tensors without a version counter: read every time
+        assert causal_attention.packed_segments(PACKED_POSITIONS.clone(), rows=2).bounds == segments.bounds
+    unpacked = torch.arange(12).expand(2, 12)
+    assert causal_attention.packed_segments(unpacked, rows=2) is None
+    # a row need not start at position 0 (left padding at 1, as some generation code has it)
+    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 0, 1]])
+    assert causal_attention.packed_segments(left_padded, rows=2).bounds == [0, 2, 5, 8, 10]
+
+
 def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(monkeypatch):
     seen = []
     monkeypatch.setattr(causal_attention, "flash_varlen", reference_varlen_kernel(seen))
     torch.manual_seed(0)
     query = torch.randn(2, 12, 4, 8).transpose(1, 2).requires_grad_()  # as transformers passes them
     key, value = (torch.randn(2, 12, 2, 8).transpose(1, 2).requires_grad_() for _ in range(2))
-    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + list(range(3))])
-    segments = causal_attention.packed_segments(positions, rows=2)
-    assert segments.bounds == [0, 5, 12, 21, 24] and segments.longest == 9
-    assert causal_attention.packed_segments(positions, rows=2) is segments  # once a forward pass
-    reused = positions.clone()
-    causal_attention.packed_segments(reused, rows=2)
-    reused[1] = torch.arange(12)  # a buffer written to again is read again
-    assert causal_attention.packed_segments(reused, rows=2).bounds == [0, 5, 12, 24]
-    with torch.inference_mode():  # tensors without a version counter: read every time
-        assert causal_attention.packed_segments(positions.clone(), rows=2).bounds == segments.bounds
+    segments = causal_attention.packed_segments(PACKED_POSITIONS.clone(), rows=2)
     grad_out = torch.randn(2, 12, 4, 8)
     results = []
     for attention in (causal_attention.varlen_causal_attention, packed_causal_attention):
@@ -173,11 +180,6 @@ def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(mo
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == segments.bounds and longest == 9
     for varlen, per_example in zip(*results, strict=True):
         torch.testing.assert_close(varlen, per_example)
-    unpacked = torch.arange(12).expand(2, 12)
-    assert causal_attention.packed_segments(unpacked, rows=2) is None
-    # a row need not start at position 0 (left padding at 1, as some generation code has it)
-    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 0, 1]])
-    assert causal_attention.packed_segments(left_padded, rows=2).bounds == [0, 2, 5, 8, 10]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
