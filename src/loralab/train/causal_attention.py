@@ -169,9 +169,11 @@ def end_to_end(tensor: torch.Tensor) -> torch.Tensor:
 
 def packed_causal_attention(query, key, value, segments: Segments, scale: float) -> torch.Tensor:
     """Each example of each packed row attends causally to itself alone (CPU: chunked as above when long)."""
-    q, k, v = end_to_end(query), end_to_end(key), end_to_end(value)
-    out = [causal_attention(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)), scale)
-           for start, end in pairwise(segments.bounds)]
+    # split, not sliced: the backward pass then joins the examples' gradients in one pass, where each slice's would
+    # be a zeroed tensor of the whole batch's size, added up
+    lengths = [end - start for start, end in pairwise(segments.bounds)]
+    parts = zip(*(end_to_end(t).split(lengths) for t in (query, key, value)), strict=True)
+    out = [causal_attention(*(t.transpose(0, 1)[None] for t in example), scale) for example in parts]
     return torch.cat(out, dim=1).view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
 
 
