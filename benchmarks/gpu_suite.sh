@@ -49,7 +49,7 @@ peft.__version__, torch.cuda.get_device_name())"
             --tokenizer "$TOKENIZER"
         # the tests that need a GPU (packed rows through torch's variable-length flash kernel, against the examples
         # run apart), then that attention alone against SDPA under the block mask, at Llama-1B's heads
-        LIMIT=120 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py -k gpu
+        LIMIT=240 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py tests/train/test_compiled.py -k gpu
         LIMIT=60 step packed_attention python benchmarks/packed_attention.py
         # equal examples per step: the peer's batches of 10 examples against loralab's packed rows of 2,048 tokens
         # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab on the

@@ -26,14 +26,12 @@ from loralab.train import causal_attention
 ALPACA_LIKE = [200, 180, 132, 350, 90, 240, 160, 300, 210, 186]  # 2,048 tokens
 
 
-def block_mask(segments: causal_attention.Segments, rows: int, length: int, device) -> torch.Tensor:
+def block_mask(lengths: list[int], rows: int, device) -> torch.Tensor:
     """(rows, 1, length, length) boolean: causal within each example, nothing across them."""
-    example = torch.zeros(rows * length, dtype=torch.long)
-    for index, start in enumerate(segments.bounds[:-1]):
-        example[start:] = index
-    example = example.view(rows, length).to(device)
+    example = torch.cat([torch.full((n,), index) for index, n in enumerate(lengths)]).to(device)
+    length = len(example)
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return (example[:, :, None] == example[:, None, :])[:, None] & causal
+    return ((example[:, None] == example[None, :]) & causal).expand(rows, 1, length, length)
 
 
 def main() -> None:
@@ -50,15 +48,14 @@ def main() -> None:
 
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     length = sum(args.lengths)
-    positions = torch.cat([torch.arange(n) for n in args.lengths]).expand(args.rows, length).to(device)
-    segments = causal_attention.packed_segments(positions, args.rows)
+    starts = torch.tensor([0] + args.lengths * args.rows, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     torch.manual_seed(0)
     # laid out as transformers passes them: (rows, length, heads, dim) transposed
     query = torch.randn(args.rows, length, args.heads, args.head_dim, device=device, dtype=dtype).transpose(1, 2)
     key, value = (torch.randn(args.rows, length, args.kv_heads, args.head_dim, device=device, dtype=dtype)
                   .transpose(1, 2) for _ in range(2))
     grad_out = torch.randn(args.rows, length, args.heads, args.head_dim, device=device, dtype=dtype)
-    mask = block_mask(segments, args.rows, length, device)
+    mask = block_mask(args.lengths, args.rows, device)
     scale = args.head_dim ** -0.5
 
     def masked(q, k, v):
@@ -67,10 +64,10 @@ def main() -> None:
     ways = {"SDPA under the block mask": masked}
     if device.type == "cpu":
         ways["one example at a time (loralab, CPU)"] = lambda q, k, v: causal_attention.packed_causal_attention(
-            q, k, v, segments, scale)
+            q, k, v, starts, scale)[0]
     elif causal_attention.varlen_fits(query):
         ways["flash kernel, variable length (loralab, GPU)"] = lambda q, k, v: causal_attention.varlen_causal_attention(
-            q, k, v, segments, scale)
+            q, k, v, starts, max(args.lengths), scale)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     table = Table(title=f"{args.rows} x {length} tokens ({len(args.lengths)} examples a row), {args.heads} heads "

@@ -81,3 +81,9 @@ def losses_and_gradients(models, ids: torch.Tensor) -> list[tuple[torch.Tensor, 
         loss.backward()
         results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     return results
+
+
+def packed_examples(*lengths, seed=0) -> list[dict]:
+    """Random SFT examples of these lengths (every token scored), for packed rows."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids} for n in lengths]

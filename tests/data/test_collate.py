@@ -1,6 +1,6 @@
 import torch
 
-from loralab.data.collate import length_grouped_order, pad_batch
+from loralab.data.collate import length_grouped_order, pack_batch, pad_batch
 
 
 def test_right_and_left_padding():
@@ -25,3 +25,17 @@ def test_length_grouping_is_a_permutation_with_less_padding():
                    for k in range(0, len(o), 8))
 
     assert padding(order) < 0.2 * padding(torch.randperm(1000, generator=g).tolist())
+
+
+def test_packed_rows_restart_positions_and_say_where_the_examples_begin():
+    def example(n):
+        return {"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))}
+
+    batch = pack_batch([[example(3), example(2)], [example(4)]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 10, 11], [10, 11, 12, 13, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]  # padding gets its own
+    assert batch["labels"].tolist() == [[-100, 11, 12, -100, 11], [-100, 11, 12, 13, -100]]
+    # the rows end to end: examples at 0 and 3, the second row's at 5, its padding at 9; 10 tokens in all
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+    assert batch["max_length_q"] == batch["max_length_k"] == 4

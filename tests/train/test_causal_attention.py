@@ -9,7 +9,7 @@ from loralab.data.collate import pack_batch
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import causal_attention
 from loralab.train.causal_attention import chunked_causal_attention, packed_causal_attention, use_chunked_attention
-from tiny_models import losses_and_gradients, tiny_model
+from tiny_models import losses_and_gradients, packed_examples, tiny_model
 
 
 def one_sdpa_call(query, key, value, scale):
@@ -47,6 +47,14 @@ def test_the_operators_pass_torchs_custom_op_checks():
     out, logsumexp = chunked_causal_attention(query.detach(), key.detach(), value.detach(), 0.3)
     torch.library.opcheck(causal_attention.chunked_causal_attention_backward,
                           (torch.randn_like(out), query.detach(), key.detach(), value.detach(), out, logsumexp, 0.3))
+    # packed: two rows of 20, the first holding examples of 12 and 8 tokens, the second of 20
+    examples = torch.tensor([0, 12, 20, 40], dtype=torch.int32)
+    torch.library.opcheck(packed_causal_attention, (query[:, :, :20].expand(2, -1, -1, -1), key[:, :, :20].expand(
+        2, -1, -1, -1), value[:, :, :20].expand(2, -1, -1, -1), examples, 0.3))
+    q, k, v = (t[:, :, :20].detach().repeat(2, 1, 1, 1) for t in (query, key, value))
+    out, logsumexp = packed_causal_attention(q, k, v, examples, 0.3)
+    torch.library.opcheck(causal_attention.packed_causal_attention_backward,
+                          (torch.randn_like(out), q, k, v, out, logsumexp, examples, 0.3))
 
 
 def plain_and_switched(model_type, **model_settings):
@@ -94,17 +102,12 @@ def test_a_switched_model_trains_as_with_sdpa_and_only_unmasked_causal_rows_are_
     assert len(calls) == model.config.num_hidden_layers
 
 
-def packed_examples(*lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": (ids := torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
-
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monkeypatch):
     model, switched = plain_and_switched(model_type)
     calls = []
     monkeypatch.setattr(causal_attention, "packed_causal_attention",
-                        lambda *args: calls.append(args[3]) or packed_causal_attention(*args))
+                        lambda *args: calls.append(args[3].tolist()) or packed_causal_attention(*args))
     examples = packed_examples(150, 60, 90, 100, 20, 1)
     # a row of two long examples (chunked), one of three and a one-token example, and padding
     batch = pack_batch([[examples[0], examples[1]], [examples[2], examples[3], examples[4], examples[5]]], pad_id=0)
@@ -114,8 +117,7 @@ def test_packed_rows_attend_one_example_at_a_time_as_with_sdpa(model_type, monke
         loss.backward()
         results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
     # the rows end to end (211 tokens each): 210 is the first row's padding, 421 the one-token example
-    assert calls[0].bounds == [0, 150, 210, 211, 301, 401, 421, 422]
-    assert calls[0].longest == 150
+    assert calls[0] == [0, 150, 210, 211, 301, 401, 421, 422]
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
@@ -145,39 +147,20 @@ def reference_varlen_kernel(seen):
     return kernel
 
 
-PACKED_POSITIONS = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + list(range(3))])
-
-
-def test_packed_segments_are_read_once_a_pass_and_again_after_a_write():
-    positions = PACKED_POSITIONS.clone()
-    segments = causal_attention.packed_segments(positions, rows=2)
-    assert segments.bounds == [0, 5, 12, 21, 24] and segments.longest == 9
-    assert causal_attention.packed_segments(positions, rows=2) is segments  # once a forward pass
-    positions[1] = torch.arange(12)  # a buffer written to again is read again
-    assert causal_attention.packed_segments(positions, rows=2).bounds == [0, 5, 12, 24]
-    with torch.inference_mode():  # tensors without a version counter: read every time
-        assert causal_attention.packed_segments(PACKED_POSITIONS.clone(), rows=2).bounds == segments.bounds
-    unpacked = torch.arange(12).expand(2, 12)
-    assert causal_attention.packed_segments(unpacked, rows=2) is None
-    # a row need not start at position 0 (left padding at 1, as some generation code has it)
-    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 0, 1]])
-    assert causal_attention.packed_segments(left_padded, rows=2).bounds == [0, 2, 5, 8, 10]
-
-
 def test_varlen_attention_lays_packed_rows_out_as_the_flash_kernel_takes_them(monkeypatch):
     seen = []
     monkeypatch.setattr(causal_attention, "flash_varlen", reference_varlen_kernel(seen))
     torch.manual_seed(0)
     query = torch.randn(2, 12, 4, 8).transpose(1, 2).requires_grad_()  # as transformers passes them
     key, value = (torch.randn(2, 12, 2, 8).transpose(1, 2).requires_grad_() for _ in range(2))
-    segments = causal_attention.packed_segments(PACKED_POSITIONS.clone(), rows=2)
+    examples = torch.tensor([0, 5, 12, 21, 24], dtype=torch.int32)  # rows of 5 + 7 and 9 + 3 tokens
     grad_out = torch.randn(2, 12, 4, 8)
     results = []
-    for attention in (causal_attention.varlen_causal_attention, packed_causal_attention):
-        out = attention(query, key, value, segments, 0.3)
+    for attention in (lambda *args: causal_attention.varlen_causal_attention(*args[:3], examples, 9, args[4]),
+                      lambda *args: packed_causal_attention(*args)[0]):
+        out = attention(query, key, value, examples, 0.3)
         results.append((out, *torch.autograd.grad(out, (query, key, value), grad_out)))
-    cu_seqlens, longest = seen[0]
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == segments.bounds and longest == 9
+    assert seen == [(examples, 9)]
     for varlen, per_example in zip(*results, strict=True):
         torch.testing.assert_close(varlen, per_example)
 
@@ -191,7 +174,8 @@ def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
     calls, varlen = [], causal_attention.varlen_causal_attention
     monkeypatch.setattr(causal_attention, "varlen_causal_attention", lambda *args: calls.append(args) or varlen(*args))
     examples = packed_examples(150, 60, 90, 100, 1)
-    batch = {k: v.cuda() for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
     packed = switched(**batch, use_cache=False).loss
     packed.backward()
     assert len(calls) == model.config.num_hidden_layers

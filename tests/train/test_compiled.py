@@ -3,13 +3,15 @@ import copy
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.profiler import profile
 
+from loralab.data.collate import pack_batch
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import compiled as compiled_module
 from loralab.train.causal_attention import use_chunked_attention
 from loralab.train.compiled import compile_model
 from loralab.train.swiglu import fuse_swiglu
-from tiny_models import losses_and_gradients, tiny_model
+from tiny_models import losses_and_gradients, packed_examples, tiny_model
 
 
 def lora_llama(dropout: float):
@@ -107,3 +109,64 @@ def test_blocks_trace_once_into_graphs_the_compile_cache_can_store_and_only_for_
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
     # two graphs: the first block's input needs no gradient, the others' do; both of dynamic length
     assert counters["stats"]["unique_graphs"] == 2 and counters["aot_autograd"]["total"] == 2
+
+
+def test_compiled_blocks_attend_packed_rows_one_example_at_a_time():
+    # the examples' bounds reach the compiled graphs as inputs: no mask over the rows' whole squares, and one graph
+    # for every packing (the whole body, train.compile: model, takes them the same way; checked once, by hand: a
+    # minute of compiling, cold)
+    torch._dynamo.reset()
+    counters.clear()
+    eager = lora_llama(dropout=0.1)
+    assert use_chunked_attention(eager)
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled)
+    examples = packed_examples(150, 60, 90, 100, 20, 1, 33, 7)
+    # compiles first: tracing calls the operator too. Two rows: dynamo gives a batch of one a graph of its own
+    compiled(**pack_batch([examples[2:4], examples[4:6]], pad_id=0), use_cache=False).loss.backward()
+    for rows in ([examples[:2], examples[2:6]], [examples[6:], examples[2:3], examples[:1]]):
+        batch = pack_batch(rows, pad_id=0)
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            with profile() as trace:
+                loss = model(**batch, use_cache=False).loss
+                loss.backward()
+            calls = [e for e in trace.events() if e.name == "loralab::packed_causal_attention"]
+            assert len(calls) == model.config.num_hidden_layers
+            results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled_grads, grads, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 2  # the first block's, and the others'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_blocks_on_a_gpu_take_packed_rows_to_the_varlen_kernel():
+    # bf16 on an Ampere or newer GPU: one variable-length flash call a layer, no masked SDPA; as eager
+    torch._dynamo.reset()
+    eager = lora_llama(dropout=0.0).cuda().bfloat16()
+    assert use_chunked_attention(eager)
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled)
+    examples = packed_examples(150, 60, 90, 100, 20, 1)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
+    compiled(**batch, use_cache=False).loss.backward()  # compiles
+    results = []
+    for model in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        with profile() as trace:
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            torch.cuda.synchronize()
+        names = [e.name for e in trace.events()]
+        assert names.count("aten::_flash_attention_forward") == model.config.num_hidden_layers
+        assert not any("efficient_attention" in name for name in names)
+        results.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(compiled_grads, grads, atol=5e-2, rtol=5e-2)
+    torch._dynamo.reset()

@@ -113,7 +113,7 @@ class RoundingLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, input_ids, position_ids, use_cache):
+    def forward(self, input_ids, position_ids, use_cache, **packed):
         logits = self.embed(input_ids) + position_ids[..., None]
         noise = torch.sin(torch.arange(logits.numel()).view_as(logits) * (1.0 + input_ids.shape[1]))
         return type("Output", (), {"logits": logits + self.rounding * noise * logits.abs().max()})
@@ -121,6 +121,19 @@ class RoundingLM(torch.nn.Module):
 
 def test_packing_check_tells_rounding_from_attention_across_examples():
     check_packing(RoundingLM(0.03), "cpu", torch.autocast("cpu", enabled=False))  # refused before: 3% > 1%
+
+
+class OwnCodeLM(RoundingLM):
+    """A model of its own code (trust_remote_code) that takes no keyword arguments beyond its own."""
+
+    def forward(self, input_ids, position_ids, use_cache):
+        return super().forward(input_ids, position_ids, use_cache)
+
+
+def test_packing_is_refused_for_a_model_that_takes_no_packed_row_arguments():
+    with pytest.raises(LoralabError, match="OwnCodeLM does not take the arguments of packed rows") as error:
+        check_packing(OwnCodeLM(0.0), "cpu", torch.autocast("cpu", enabled=False))
+    assert "data.packing=false" in str(error.value)
 
 
 def test_packing_is_refused_for_a_model_whose_attention_crosses_examples():

@@ -61,11 +61,15 @@ def packed_rows(lengths: list[int], capacity: int, generator: torch.Generator) -
     return [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
 
 
-def pack_batch(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_batch(rows: list[list[dict]], pad_id: int) -> dict:
     """Rows of several examples each, concatenated. position_ids restart at 0 for every example, which is how
     transformers' attention masking tells the examples apart (no attention across them); with no attention_mask
     given. Each example's first label is ignored, so no example is scored on a token predicted from the one before.
-    Right padding gets its own positions and is never scored."""
+    Right padding gets its own positions and is never scored.
+
+    The batch also carries the arguments transformers defines for packed rows, which its variable-length
+    attention (and loralab's) reads: `cu_seq_lens_q`/`_k`, where each example and each row's padding begins in
+    the rows laid end to end, plus the total (int32), and `max_length_q`/`_k`, the longest of them."""
     flat = []
     for row in rows:
         ids, labels, positions = [], [], []
@@ -75,9 +79,14 @@ def pack_batch(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
             positions += list(range(len(e["input_ids"])))
         flat.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     longest = max(len(r["input_ids"]) for r in flat)
-    for r in flat:
+    lengths = []
+    for row, r in zip(rows, flat, strict=True):
         n = longest - len(r["input_ids"])
         r["input_ids"] += [pad_id] * n
         r["labels"] += [IGNORE_INDEX] * n
         r["position_ids"] += list(range(n))
-    return {key: torch.tensor([r[key] for r in flat]) for key in ("input_ids", "labels", "position_ids")}
+        lengths += [len(e["input_ids"]) for e in row] + ([n] if n else [])
+    batch = {key: torch.tensor([r[key] for r in flat]) for key in ("input_ids", "labels", "position_ids")}
+    starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {**batch, "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
+            "max_length_q": max(lengths), "max_length_k": max(lengths)}

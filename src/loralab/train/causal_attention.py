@@ -9,13 +9,14 @@ at 256, 12 -> 11 ms at 128. The result equals one SDPA call up to float rounding
 kernels skip masked blocks themselves, so they keep plain SDPA.
 
 The chunks run torch's CPU flash kernel directly (its forward returns the softmax's log-normaliser, which its
-backward takes), as two custom operators, forward and backward: torch.compile sees one opaque call each way.
+backward takes), as custom operators, forward and backward: torch.compile sees one opaque call each way.
 
 Packed rows (`data.packing`: several examples a row, positions restarting at each) get the same treatment one
-example at a time: the mask transformers builds for them makes SDPA compute the whole square of the row and then
-hide all but the examples' own triangles (4 rows of 512 tokens holding 3 examples, SmolLM2's heads: 165 -> 117 ms
-a layer, forward and backward). On a GPU in half precision, packed rows go to torch's flash kernel in its
-variable-length form, all examples in one call.
+example at a time, in one operator for all of them: the mask transformers builds for them makes SDPA compute the
+whole square of the row and then hide all but the examples' own triangles (4 rows of 512 tokens holding 3
+examples, SmolLM2's heads: 165 -> 117 ms a layer, forward and backward). On a GPU in half precision, packed rows
+go to torch's flash kernel in its variable-length form, all examples in one call. Both take the examples' bounds
+from the batch, as inputs, so compiled blocks run them too.
 
 It is installed as an attention implementation of transformers' own (AttentionInterface) and falls back to
 transformers' SDPA function for everything else: other masks (padding), key-value caches, dropout.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import functools
 from itertools import pairwise
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,14 @@ flash_varlen = torch.ops.aten._flash_attention_forward  # CUDA; autograd gives i
 
 def query_chunks(query: torch.Tensor):
     """(start, end, mask) per chunk; mask None for the first (plain causal), else an additive mask that hides
-    keys after each query: query i of the chunk (position start + i) sees keys 0 .. start + i."""
+    keys after each query: query i of the chunk (position start + i) sees keys 0 .. start + i. Rows shorter than
+    SHORTEST are one chunk."""
     length = query.shape[2]
-    step = (length + CHUNKS - 1) // CHUNKS
+    chunks = CHUNKS if length >= SHORTEST else 1
+    step = (length + chunks - 1) // chunks
     positions = torch.arange(length, device=query.device)
-    for chunk in range(CHUNKS):
-        start, end = chunk * step, (chunk + 1) * step if chunk < CHUNKS - 1 else length
+    for chunk in range(chunks):
+        start, end = chunk * step, (chunk + 1) * step if chunk < chunks - 1 else length
         if chunk == 0:
             yield start, end, None
         else:
@@ -60,22 +62,42 @@ def query_chunks(query: torch.Tensor):
                 hidden, float("-inf"))
 
 
-# One operator for torch.compile: traced as plain SDPA calls on slices, inductor (torch 2.13, dynamic shapes) fixed
-# the stride of one slice in the backward graph from the first length it saw and failed at the next length.
-@torch.library.custom_op("loralab::chunked_causal_attention", mutates_args=())
-def chunked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal softmax(q k^T * scale) v for (batch, heads, length, dim) queries and (batch, kv heads, length, dim)
-    keys and values. Returns the output as (batch, length, heads, dim), the layout the output projection reads,
-    and the softmax's log-normaliser (batch, heads, length), which the backward pass needs."""
-    batch, heads, length, _ = query.shape
-    out = query.new_empty(batch, length, heads, value.shape[-1])
-    logsumexp = query.new_empty(batch, heads, length, dtype=torch.float32)
+def causal_forward(query, key, value, scale: float, out: torch.Tensor, logsumexp: torch.Tensor) -> None:
+    """Causal attention of (batch, heads, length, dim) queries over keys and values of the same length (grouped
+    heads as they are), chunk by chunk into out (batch, length, heads, dim), the layout the output projection
+    reads, and the softmax's log-normaliser (batch, heads, length), which the backward pass takes."""
     for start, end, mask in query_chunks(query):
         chunk_out, chunk_lse = flash(query[:, :, start:end], key[:, :, :end], value[:, :, :end], 0.0,
                                      mask is None, attn_mask=mask, scale=scale)
         out[:, start:end] = chunk_out.transpose(1, 2)
         logsumexp[:, :, start:end] = chunk_lse
+
+
+def causal_backward(grad_out, query, key, value, out, logsumexp, scale: float,
+                    grad_query: torch.Tensor, grad_key: torch.Tensor, grad_value: torch.Tensor) -> None:
+    """The gradients of causal_forward into grad_query, grad_key and grad_value (laid out as query, key, value;
+    the key's and value's zeroed: the chunks add into them)."""
+    for start, end, mask in query_chunks(query):
+        dq, dk, dv = flash_backward(grad_out[:, start:end].transpose(1, 2), query[:, :, start:end],
+                                    key[:, :, :end], value[:, :, :end], out[:, start:end].transpose(1, 2),
+                                    logsumexp[:, :, start:end], 0.0, mask is None, attn_mask=mask, scale=scale)
+        grad_query[:, :, start:end] = dq
+        grad_key[:, :, :end] += dk
+        grad_value[:, :, :end] += dv
+
+
+# Operators for torch.compile: traced as plain SDPA calls on slices, inductor (torch 2.13, dynamic shapes) fixed
+# the stride of one slice in the backward graph from the first length it saw and failed at the next length; and
+# packed rows' examples are data, which would stop a graph at every step.
+@torch.library.custom_op("loralab::chunked_causal_attention", mutates_args=())
+def chunked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax(q k^T * scale) v of whole rows: (batch, heads, length, dim) queries, (batch, kv heads,
+    length, dim) keys and values. Returns the output (batch, length, heads, dim) and the log-normaliser."""
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, length, heads, value.shape[-1])
+    logsumexp = query.new_empty(batch, heads, length, dtype=torch.float32)
+    causal_forward(query, key, value, scale, out, logsumexp)
     return out, logsumexp
 
 
@@ -90,18 +112,10 @@ def _(query, key, value, scale):
 def chunked_causal_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                       value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
                                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the operator above for query, key and value, chunk by chunk (an operator too: traced as
-    slices, the backward graph met the stride problem above)."""
-    grad_query = torch.empty_like(query)
-    grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-    for start, end, mask in query_chunks(query):
-        dq, dk, dv = flash_backward(grad_out[:, start:end].transpose(1, 2), query[:, :, start:end],
-                                    key[:, :, :end], value[:, :, :end], out[:, start:end].transpose(1, 2),
-                                    logsumexp[:, :, start:end], 0.0, mask is None, attn_mask=mask, scale=scale)
-        grad_query[:, :, start:end] = dq
-        grad_key[:, :, :end] += dk
-        grad_value[:, :, :end] += dv
-    return grad_query, grad_key, grad_value
+    """Gradients of the operator above for query, key and value."""
+    grads = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    causal_backward(grad_out, query, key, value, out, logsumexp, scale, *grads)
+    return grads
 
 
 @chunked_causal_attention_backward.register_fake
@@ -121,33 +135,75 @@ def backward(ctx, grad_out, _grad_logsumexp):
 chunked_causal_attention.register_autograd(backward, setup_context=save_for_backward)
 
 
-class Segments(NamedTuple):
-    """Packed rows laid end to end: where each example (and each row's padding) begins, as token offsets plus the
-    total (`bounds`, on the host), the same as int32 on the rows' device (`cu_seqlens`, for the varlen kernel), and
-    the longest example."""
-    bounds: list[int]
-    cu_seqlens: torch.Tensor
-    longest: int
+def end_to_end(tensor: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length, dim) as transformers passes it -> (batch * length, heads, dim); a view when the
+    tensor is, as usual, a transposed (batch, length, heads, dim) one."""
+    batch, heads, length, dim = tensor.shape
+    return tensor.transpose(1, 2).reshape(batch * length, heads, dim)
 
 
-def packed_segments(position_ids: torch.Tensor | None, rows: int) -> Segments | None:
-    """The examples of packed rows (positions restart at 0 at each), or None for rows of one sequence each. Worked
-    out once a forward pass and kept on the position_ids tensor, which every layer receives: on a GPU, reading
-    them is the pass's one wait for the device."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != rows:
-        return None
-    version, segments = getattr(position_ids, "_loralab_segments", (None, None))
-    current = None if position_ids.is_inference() else position_ids._version  # inference tensors keep none
-    if current is None or version != current:  # first seen, or written to since
-        starts = position_ids == 0
-        starts[:, 0] = True  # each row starts one, whatever its first position (left padding's is 1)
-        bounds = torch.nonzero(starts.flatten()).flatten().tolist() + [position_ids.numel()]
-        segments = None
-        if len(bounds) - 1 > rows:  # some row holds more than one sequence
-            cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
-            segments = Segments(bounds, cu_seqlens, max(b - a for a, b in pairwise(bounds)))
-        position_ids._loralab_segments = current, segments
-    return segments
+def examples_of(tensor: torch.Tensor, cu_seqlens: torch.Tensor):
+    """Each example of the rows laid end to end, as a (1, heads, length, dim) view."""
+    for start, end in pairwise(cu_seqlens.tolist()):
+        yield tensor[start:end].transpose(0, 1)[None]
+
+
+@torch.library.custom_op("loralab::packed_causal_attention", mutates_args=())
+def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (several examples a row): each example attends causally to itself alone, chunked as above
+    when long. Queries, keys and values as for the operator above; cu_seqlens: where each example (and each
+    row's padding) begins in the rows laid end to end, plus their total, as the varlen flash kernels take it.
+    Returns the output (batch, length, heads, dim) and the log-normaliser (heads, batch * length)."""
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, length, heads, value.shape[-1])
+    logsumexp = query.new_empty(heads, batch * length, dtype=torch.float32)
+    for q, k, v, o, lse in zip(*(examples_of(end_to_end(t), cu_seqlens) for t in (query, key, value)),
+                               examples_of(out.flatten(0, 1), cu_seqlens), examples_of(logsumexp.T, cu_seqlens),
+                               strict=True):
+        causal_forward(q, k, v, scale, o.transpose(1, 2), lse)
+    return out, logsumexp
+
+
+@packed_causal_attention.register_fake
+def _(query, key, value, cu_seqlens, scale):
+    batch, heads, length, _ = query.shape
+    return (query.new_empty(batch, length, heads, value.shape[-1]),
+            query.new_empty(heads, batch * length, dtype=torch.float32))
+
+
+@torch.library.custom_op("loralab::packed_causal_attention_backward", mutates_args=())
+def packed_causal_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                     value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+                                     cu_seqlens: torch.Tensor,
+                                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the operator above for query, key and value, laid out as transformers passes them."""
+    grads = [t.new_zeros(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+             for t in (query, key, value)]
+    for g, q, k, v, o, lse, dq, dk, dv in zip(
+            *(examples_of(t, cu_seqlens) for t in (grad_out.flatten(0, 1), end_to_end(query), end_to_end(key),
+                                                   end_to_end(value), out.flatten(0, 1), logsumexp.T)),
+            *(examples_of(end_to_end(t), cu_seqlens) for t in grads), strict=True):
+        causal_backward(g.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, scale, dq, dk, dv)
+    return tuple(grads)
+
+
+@packed_causal_attention_backward.register_fake
+def _(grad_out, query, key, value, out, logsumexp, cu_seqlens, scale):
+    return tuple(t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+                 for t in (query, key, value))
+
+
+def save_packed_for_backward(ctx, inputs, output):
+    query, key, value, cu_seqlens, ctx.scale = inputs
+    ctx.save_for_backward(query, key, value, *output, cu_seqlens)
+
+
+def packed_backward(ctx, grad_out, _grad_logsumexp):
+    return *packed_causal_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.scale), None, None
+
+
+packed_causal_attention.register_autograd(packed_backward, setup_context=save_packed_for_backward)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -160,34 +216,17 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2)
 
 
-def end_to_end(tensor: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, length, dim) as transformers passes it -> (batch * length, heads, dim); a view when the
-    tensor is, as usual, a transposed (batch, length, heads, dim) one."""
-    batch, heads, length, dim = tensor.shape
-    return tensor.transpose(1, 2).reshape(batch * length, heads, dim)
-
-
-def packed_causal_attention(query, key, value, segments: Segments, scale: float) -> torch.Tensor:
-    """Each example of each packed row attends causally to itself alone (CPU: chunked as above when long)."""
-    # split, not sliced: the backward pass then joins the examples' gradients in one pass, where each slice's would
-    # be a zeroed tensor of the whole batch's size, added up
-    lengths = [end - start for start, end in pairwise(segments.bounds)]
-    parts = zip(*(end_to_end(t).split(lengths) for t in (query, key, value)), strict=True)
-    out = [causal_attention(*(t.transpose(0, 1)[None] for t in example), scale) for example in parts]
-    return torch.cat(out, dim=1).view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-
-
-def varlen_causal_attention(query, key, value, segments: Segments, scale: float) -> torch.Tensor:
-    """The same on a GPU, in one call of torch's flash-attention kernel over every example of every row (its
+def varlen_causal_attention(query, key, value, cu_seqlens: torch.Tensor, longest: int, scale: float) -> torch.Tensor:
+    """Packed rows on a GPU, in one call of torch's flash-attention kernel over every example of every row (its
     variable-length form: grouped-query heads as they are, no mask, only the examples' own triangles computed).
     Without it, SDPA takes the block mask transformers builds from the positions and its memory-efficient kernel
     computes the rows' whole squares."""
-    out = flash_varlen(
-        end_to_end(query), end_to_end(key), end_to_end(value), segments.cu_seqlens, segments.cu_seqlens,
-        segments.longest, segments.longest, 0.0, True, False, scale=scale)[0]
+    out = flash_varlen(end_to_end(query), end_to_end(key), end_to_end(value), cu_seqlens, cu_seqlens,
+                       longest, longest, 0.0, True, False, scale=scale)[0]
     return out.view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
 
 
+@torch.compiler.assume_constant_result  # compiled graphs take it as a constant instead of tracing into it
 @functools.cache
 def flash_kernel_runs_on(device: torch.device) -> bool:
     """torch's flash kernel: built in (CUDA, not ROCm here), switched on, an Ampere or newer GPU."""
@@ -205,7 +244,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: chunked for unmasked causal self-attention on CPU, one example
-    at a time for packed rows (CPU, and GPUs with torch's flash kernel); transformers' SDPA otherwise."""
+    at a time for packed rows (CPU, and GPUs with torch's flash kernel); transformers' SDPA otherwise.
+
+    Packed rows are told by the arguments transformers defines for them (`cu_seq_lens_q`, `max_length_q`: where
+    the examples begin in the rows laid end to end, and the longest), which loralab's packed batches carry and
+    every layer receives. They come from the host, so no layer waits for the device to find the examples, and
+    compiled blocks take them as inputs."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     length = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -214,17 +258,15 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and (window is None or window >= length))
     cpu = query.device.type == "cpu"
-    if ours and cpu and attention_mask is None:
+    examples = kwargs.get("cu_seq_lens_q")
+    if ours and examples is not None:
+        if cpu:
+            return packed_causal_attention(query, key, value, examples, scale)[0], None
+        if varlen_fits(query):
+            return varlen_causal_attention(query, key, value, examples, kwargs["max_length_q"], scale), None
+    elif ours and cpu and attention_mask is None:
         return causal_attention(query, key, value, scale), None
-    # packed rows carry the mask transformers made from their restarting positions (compiled blocks keep it: the
-    # examples' bounds are data, and would stop the graph at every step). Left-padded prompts look alike (each pad
-    # restarts at 0); without gradients, on CPU, they keep one SDPA call rather than one call per pad.
-    if (ours and attention_mask is not None and not torch.compiler.is_compiling()
-            and (varlen_fits(query) if not cpu else torch.is_grad_enabled())):
-        segments = packed_segments(kwargs.get("position_ids"), query.shape[0])
-        if segments is not None:
-            packed = packed_causal_attention if cpu else varlen_causal_attention
-            return packed(query, key, value, segments, scale), None
+    # otherwise, packed rows take the mask transformers makes from their restarting positions
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 

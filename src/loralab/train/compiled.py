@@ -16,7 +16,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
-import loralab.train.causal_attention  # noqa: F401  (registers torch.ops.loralab.chunked_causal_attention)
+import loralab.train.causal_attention  # noqa: F401  (registers torch.ops.loralab's attention operators)
 
 # share of the speed-tuned choice's saved bytes a block may keep; 0.9 drops the dropped copies of x (and other
 # elementwise products) and still keeps attention's output, whose recompute a lower budget starts to buy
@@ -36,7 +36,7 @@ def lean_inductor(graph, example_inputs):
 
 
 class NeverRecompute(CustomGraphPass):
-    """Marks the joint graph's random draws and chunked causal attention as never recomputed in the backward pass.
+    """Marks the joint graph's random draws and our causal attention as never recomputed in the backward pass.
 
     Under a budget the partitioner may recompute any op it does not list as random or compute-intensive. Its random
     list (dropout, rand_like, randn_like) lacks torch.randint, which LoRA's dropout masks are drawn with: a redrawn
@@ -49,7 +49,8 @@ class NeverRecompute(CustomGraphPass):
             target = node.target
             if isinstance(target, torch._ops.OpOverload) and (
                     torch.Tag.nondeterministic_seeded in target.tags
-                    or target is torch.ops.loralab.chunked_causal_attention.default):
+                    or target in (torch.ops.loralab.chunked_causal_attention.default,
+                                  torch.ops.loralab.packed_causal_attention.default)):
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
     def uuid(self) -> bytes:

@@ -94,8 +94,9 @@ class TrainingLoss(nn.Module):
 
 def check_packing(model: nn.Module, device, autocast) -> None:
     """Packing needs attention that restarts where position ids restart (transformers' masking does this for
-    most current decoders, given no attention_mask). Checked once: two short random sequences run apart and
-    packed in one row must give the same logits."""
+    most current decoders, given no attention_mask; loralab's attention and transformers' flash attention read the
+    examples' bounds the batch carries). Checked once: two short random sequences run apart and packed in one row
+    must give the same logits."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     a, b = (torch.randint(vocab, (1, n), generator=generator) for n in (5, 7))
@@ -104,10 +105,19 @@ def check_packing(model: nn.Module, device, autocast) -> None:
     model.eval()
     try:
         with torch.no_grad(), autocast:
-            def logits(ids, pos):
-                return model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits.float()
+            def logits(ids, pos, **packed):
+                return model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False,
+                             **packed).logits.float()
             apart = torch.cat([logits(a, positions[0]), logits(b, positions[1])], dim=1)
-            packed = logits(torch.cat([a, b], 1), torch.cat(positions, 1))
+            # as packed batches come (collate.pack_batch): with the examples' bounds
+            starts = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+            try:
+                packed = logits(torch.cat([a, b], 1), torch.cat(positions, 1), cu_seq_lens_q=starts,
+                                cu_seq_lens_k=starts, max_length_q=7, max_length_k=7)
+            except TypeError as error:  # code of the model's own, without transformers' keyword arguments
+                raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
+                                   field="data.packing",
+                                   fix="data.packing=false (length-grouped batches waste little padding)") from error
     finally:
         model.train(was_training)
     # The first example comes first in the row, so causal attention gives it the same logits either way: what

@@ -470,7 +470,7 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
         for batch in batches:
             batch.pop("attention_mask", None)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     losses = []
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # under DDP, gradients are all-reduced only on the step's last micro-batch
