@@ -262,7 +262,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if ours and examples is not None:
         if cpu:
             return packed_causal_attention(query, key, value, examples, scale)[0], None
-        if varlen_fits(query):
+        if varlen_fits(query) and kwargs.get("max_length_q") is not None:
             return varlen_causal_attention(query, key, value, examples, kwargs["max_length_q"], scale), None
     elif ours and cpu and attention_mask is None:
         return causal_attention(query, key, value, scale), None
