@@ -24,7 +24,6 @@ transformers' SDPA function for everything else: other masks (padding), key-valu
 
 from __future__ import annotations
 
-import functools
 from itertools import pairwise
 
 import torch
@@ -226,8 +225,7 @@ def varlen_causal_attention(query, key, value, cu_seqlens: torch.Tensor, longest
     return out.view(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
 
 
-@torch.compiler.assume_constant_result  # compiled graphs take it as a constant instead of tracing into it
-@functools.cache
+@torch.compiler.assume_constant_result  # compiled graphs call it once, as a constant, instead of tracing it
 def flash_kernel_runs_on(device: torch.device) -> bool:
     """torch's flash kernel: built in (CUDA, not ROCm here), switched on, an Ampere or newer GPU."""
     return (device.type == "cuda" and torch.version.cuda is not None and torch.backends.cuda.flash_sdp_enabled()
