@@ -1,6 +1,6 @@
 import torch
 
-from loralab.data.collate import length_grouped_order, pack_batch, pad_batch
+from loralab.data.collate import length_grouped_order, pack_batch, pad_batch, to_device
 
 
 def test_right_and_left_padding():
@@ -39,3 +39,5 @@ def test_packed_rows_restart_positions_and_say_where_the_examples_begin():
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
     assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
     assert batch["max_length_q"] == batch["max_length_k"] == 4
+    moved = to_device(batch, torch.device("meta"))  # tensors moved, the lengths left as ints
+    assert moved["cu_seq_lens_q"].is_meta and moved["max_length_q"] == 4

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loralab.data.collate import pack_batch
+from loralab.data.collate import pack_batch, to_device
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import causal_attention
 from loralab.train.causal_attention import chunked_causal_attention, packed_causal_attention, use_chunked_attention
@@ -47,11 +47,11 @@ def test_the_operators_pass_torchs_custom_op_checks():
     out, logsumexp = chunked_causal_attention(query.detach(), key.detach(), value.detach(), 0.3)
     torch.library.opcheck(causal_attention.chunked_causal_attention_backward,
                           (torch.randn_like(out), query.detach(), key.detach(), value.detach(), out, logsumexp, 0.3))
-    # packed: two rows of 20, the first holding examples of 12 and 8 tokens, the second of 20
+    # packed: two rows of 20, the first holding examples of 12 and 8 tokens, the second one of 20
     examples = torch.tensor([0, 12, 20, 40], dtype=torch.int32)
-    torch.library.opcheck(packed_causal_attention, (query[:, :, :20].expand(2, -1, -1, -1), key[:, :, :20].expand(
-        2, -1, -1, -1), value[:, :, :20].expand(2, -1, -1, -1), examples, 0.3))
-    q, k, v = (t[:, :, :20].detach().repeat(2, 1, 1, 1) for t in (query, key, value))
+    query, key, value = (t[:, :, :20].detach().repeat(2, 1, 1, 1).requires_grad_() for t in (query, key, value))
+    torch.library.opcheck(packed_causal_attention, (query, key, value, examples, 0.3))
+    q, k, v = query.detach(), key.detach(), value.detach()
     out, logsumexp = packed_causal_attention(q, k, v, examples, 0.3)
     torch.library.opcheck(causal_attention.packed_causal_attention_backward,
                           (torch.randn_like(out), q, k, v, out, logsumexp, examples, 0.3))
@@ -174,8 +174,7 @@ def test_packed_rows_on_a_gpu_train_as_examples_apart(monkeypatch):
     calls, varlen = [], causal_attention.varlen_causal_attention
     monkeypatch.setattr(causal_attention, "varlen_causal_attention", lambda *args: calls.append(args) or varlen(*args))
     examples = packed_examples(150, 60, 90, 100, 1)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v
-             for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
+    batch = to_device(pack_batch([examples[:2], examples[2:]], pad_id=0), "cuda")
     packed = switched(**batch, use_cache=False).loss
     packed.backward()
     assert len(calls) == model.config.num_hidden_layers

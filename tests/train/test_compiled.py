@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import profile
 
-from loralab.data.collate import pack_batch
+from loralab.data.collate import pack_batch, to_device
 from loralab.lora import LoraConfig, apply_lora
 from loralab.train import compiled as compiled_module
 from loralab.train.causal_attention import use_chunked_attention
@@ -152,8 +152,7 @@ def test_compiled_blocks_on_a_gpu_take_packed_rows_to_the_varlen_kernel():
     compiled = copy.deepcopy(eager)
     compile_model(compiled)
     examples = packed_examples(150, 60, 90, 100, 20, 1)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v
-             for k, v in pack_batch([examples[:2], examples[2:]], pad_id=0).items()}
+    batch = to_device(pack_batch([examples[:2], examples[2:]], pad_id=0), "cuda")
     compiled(**batch, use_cache=False).loss.backward()  # compiles
     results = []
     for model in (eager, compiled):

@@ -90,3 +90,8 @@ def pack_batch(rows: list[list[dict]], pad_id: int) -> dict:
     starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return {**batch, "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
             "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the device; its other values (pack_batch's lengths) as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -141,9 +141,9 @@ def end_to_end(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).reshape(batch * length, heads, dim)
 
 
-def examples_of(tensor: torch.Tensor, cu_seqlens: torch.Tensor):
-    """Each example of the rows laid end to end, as a (1, heads, length, dim) view."""
-    for start, end in pairwise(cu_seqlens.tolist()):
+def examples_of(tensor: torch.Tensor, spans: list[tuple[int, int]]):
+    """Each example (start, end) of the rows laid end to end, as a (1, heads, length, dim) view."""
+    for start, end in spans:
         yield tensor[start:end].transpose(0, 1)[None]
 
 
@@ -157,9 +157,9 @@ def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, length, heads, value.shape[-1])
     logsumexp = query.new_empty(heads, batch * length, dtype=torch.float32)
-    for q, k, v, o, lse in zip(*(examples_of(end_to_end(t), cu_seqlens) for t in (query, key, value)),
-                               examples_of(out.flatten(0, 1), cu_seqlens), examples_of(logsumexp.T, cu_seqlens),
-                               strict=True):
+    spans = list(pairwise(cu_seqlens.tolist()))
+    for q, k, v, o, lse in zip(*(examples_of(end_to_end(t), spans) for t in (query, key, value)),
+                               examples_of(out.flatten(0, 1), spans), examples_of(logsumexp.T, spans), strict=True):
         causal_forward(q, k, v, scale, o.transpose(1, 2), lse)
     return out, logsumexp
 
@@ -179,10 +179,11 @@ def packed_causal_attention_backward(grad_out: torch.Tensor, query: torch.Tensor
     """Gradients of the operator above for query, key and value, laid out as transformers passes them."""
     grads = [t.new_zeros(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
              for t in (query, key, value)]
+    spans = list(pairwise(cu_seqlens.tolist()))
     for g, q, k, v, o, lse, dq, dk, dv in zip(
-            *(examples_of(t, cu_seqlens) for t in (grad_out.flatten(0, 1), end_to_end(query), end_to_end(key),
-                                                   end_to_end(value), out.flatten(0, 1), logsumexp.T)),
-            *(examples_of(end_to_end(t), cu_seqlens) for t in grads), strict=True):
+            *(examples_of(t, spans) for t in (grad_out.flatten(0, 1), end_to_end(query), end_to_end(key),
+                                              end_to_end(value), out.flatten(0, 1), logsumexp.T)),
+            *(examples_of(end_to_end(t), spans) for t in grads), strict=True):
         causal_backward(g.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, scale, dq, dk, dv)
     return tuple(grads)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralab.data.collate import pack_batch, to_device
 from loralab.data.templates import IGNORE_INDEX
 from loralab.errors import LoralabError
 
@@ -99,21 +100,20 @@ def check_packing(model: nn.Module, device, autocast) -> None:
     must give the same logits."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
-    a, b = (torch.randint(vocab, (1, n), generator=generator) for n in (5, 7))
-    positions = [torch.arange(5)[None], torch.arange(7)[None]]
+    a, b = (torch.randint(vocab, (n,), generator=generator).tolist() for n in (5, 7))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast:
-            def logits(ids, pos, **packed):
-                return model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False,
-                             **packed).logits.float()
-            apart = torch.cat([logits(a, positions[0]), logits(b, positions[1])], dim=1)
-            # as packed batches come (collate.pack_batch): with the examples' bounds
-            starts = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+            def logits(**batch):
+                return model(**to_device(batch, device), use_cache=False).logits.float()
+            apart = torch.cat([logits(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None])
+                               for ids in (a, b)], dim=1)
+            # the row as training packs it (the examples' bounds included), less the labels
+            row = pack_batch([[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}]], pad_id=0)
+            del row["labels"]
             try:
-                packed = logits(torch.cat([a, b], 1), torch.cat(positions, 1), cu_seq_lens_q=starts,
-                                cu_seq_lens_k=starts, max_length_q=7, max_length_k=7)
+                packed = logits(**row)
             except TypeError as error:  # code of the model's own, without transformers' keyword arguments
                 raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
                                    field="data.packing",

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loralab.config import RunConfig, load_config, save_config, to_dict
-from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch
+from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch, to_device
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
 from loralab.infer.settings import save_inference_settings
@@ -470,7 +470,7 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
         for batch in batches:
             batch.pop("attention_mask", None)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    batches = [to_device(b, device) for b in batches]
     losses = []
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # under DDP, gradients are all-reduced only on the step's last micro-batch
