@@ -123,6 +123,23 @@ def test_packing_check_tells_rounding_from_attention_across_examples():
     check_packing(RoundingLM(0.03), "cpu", torch.autocast("cpu", enabled=False))  # refused before: 3% > 1%
 
 
+class OffsetRoundingLM(RoundingLM):
+    """Keeps examples apart and rounds a row's first example exactly as when it runs alone, but not the examples
+    after it, as torch's variable-length flash kernel does on an H100 (Llama-1B shapes in bf16: the second
+    example's logits 1.3% of the largest away, the first's identical)."""
+
+    def forward(self, input_ids, position_ids, use_cache, **packed):
+        logits = self.embed(input_ids) + position_ids[..., None]
+        later = position_ids != torch.arange(input_ids.shape[1])  # tokens of an example that starts further in
+        return type("Output", (), {"logits": logits + self.rounding * later[..., None] * logits.abs().max()})
+
+
+def test_packing_check_passes_rounding_that_spares_the_first_example():
+    check_packing(OffsetRoundingLM(0.013), "cpu", torch.autocast("cpu", enabled=False))  # refused before: 1.3% > 1%
+    with pytest.raises(LoralabError, match="moved by"):  # rounding as large as attending across is not rounding
+        check_packing(OffsetRoundingLM(1.0), "cpu", torch.autocast("cpu", enabled=False))
+
+
 class OwnCodeLM(RoundingLM):
     """A model of its own code (trust_remote_code) that takes no keyword arguments beyond its own."""
 
