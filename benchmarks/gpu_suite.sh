@@ -65,6 +65,10 @@ peft.__version__, torch.cuda.get_device_name())"
         LIMIT=150 step sft1b_b10_packed_3ep_compile $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \
             --epochs 3 --workdir /tmp/sft1b_b10 --reuse-peft --loralab data.packing=true train.batch_size=1 \
             train.compile=true
+        # the peer without padding too: transformers' padding-free collator lays its batches of 10 end to end in
+        # one row (SDPA under the block mask), against loralab's packed rows (the variable-length flash kernel)
+        LIMIT=200 step sft1b_b10_padding_free_3ep $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \
+            --epochs 3 --workdir /tmp/sft1b_b10 --peft-padding-free --loralab data.packing=true train.batch_size=1
         # a whole step's time and peak memory per setting on the real widths, one packed row's shape (fixed: CUDA
         # graphs record once)
         step step1b python benchmarks/step_host_time.py --base /tmp/llama-1b --dtype bf16 --batch-size 1 --length 2048 \

@@ -5,6 +5,7 @@
     python benchmarks/sft_vs_peft_trainer.py                          # SmolLM2-135M-Instruct, 200 alpaca examples
     python benchmarks/sft_vs_peft_trainer.py --loralab data.packing=true train.gradient_checkpointing=true
     python benchmarks/sft_vs_peft_trainer.py --compile                # torch.compile on both sides
+    python benchmarks/sft_vs_peft_trainer.py --peft-padding-free --loralab data.packing=true  # both without padding
     python benchmarks/random_base.py llama-1b /tmp/llama-1b     # Llama-3.2-1B shapes, random weights, no hub
     python benchmarks/sft_vs_peft_trainer.py --model /tmp/llama-1b --gguf-file none --dtype bf16 --max-length 2048
 
@@ -57,7 +58,14 @@ def run_config(args, workdir: Path) -> dict:
 
 def side_peft(args, workdir: Path) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+    )
 
     from loralab.models import resolve_model_path
 
@@ -78,8 +86,11 @@ def side_peft(args, workdir: Path) -> dict:
         learning_rate=args.lr, lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none",
         seed=args.seed, bf16=args.dtype == "bf16", use_cpu=args.device == "cpu",
         gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+    # the seeds pad each batch to its longest example; transformers' padding-free collator lays the batch's
+    # examples end to end in one row instead, positions restarting, which SDPA keeps apart under a block mask
+    collator = (DataCollatorWithFlattening() if args.peft_padding_free
+                else DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -199,6 +210,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile on both sides (Trainer torch_compile, loralab train.compile)")
+    parser.add_argument("--peft-padding-free", action="store_true",
+                        help="the peer lays each batch end to end in one row (DataCollatorWithFlattening) instead of "
+                        "padding it as the seeds do")
     parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs in bf16)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
@@ -251,7 +265,8 @@ def main() -> None:
     passes = f" x {args.epochs} epochs" if args.epochs > 1 else ""
     table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples{passes}, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
-                        f"{args.dtype}, {args.device}{', compiled on both sides' if args.compile else ''}; "
+                        f"{args.dtype}, {args.device}{', compiled on both sides' if args.compile else ''}"
+                        f"{', the peer padding-free' if args.peft_padding_free else ''}; "
                         f"loralab {' '.join(args.loralab) or '(defaults)'}")
     for column in ("", "PEFT + Trainer", "loralab", "ratio"):
         table.add_column(column, justify="right")
