@@ -153,6 +153,20 @@ def test_packing_is_refused_for_a_model_that_takes_no_packed_row_arguments():
     assert "data.packing=false" in str(error.value)
 
 
+class BrokenPackedLM(RoundingLM):
+    """Takes the packed arguments but fails on them with a TypeError of its own."""
+
+    def forward(self, input_ids, position_ids, use_cache, **packed):
+        if packed:
+            return None + 1
+        return super().forward(input_ids, position_ids, use_cache)
+
+
+def test_packing_check_lets_other_type_errors_through():
+    with pytest.raises(TypeError, match="unsupported operand"):  # a bug of the model's, not a missing argument
+        check_packing(BrokenPackedLM(0.0), "cpu", torch.autocast("cpu", enabled=False))
+
+
 def test_packing_is_refused_for_a_model_whose_attention_crosses_examples():
     model = lora_model("bloom")  # ALiBi attention ignores position ids
     with pytest.raises(LoralabError, match="data.packing"):

@@ -117,6 +117,8 @@ def check_packing(model: nn.Module, device, autocast) -> None:
             try:
                 packed = logits(**row)
             except TypeError as error:  # code of the model's own, without transformers' keyword arguments
+                if "keyword argument" not in str(error):
+                    raise
                 raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
                                    field="data.packing",
                                    fix="data.packing=false (length-grouped batches waste little padding)") from error
