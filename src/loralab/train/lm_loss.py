@@ -130,9 +130,9 @@ def check_packing(model: nn.Module, device, autocast) -> None:
     # apart than attention across the examples puts it: rounding can spare the first example alone (Llama-1B
     # shapes in bf16 on an H100: the first identical, the second 1.3% of the largest logit away through torch's
     # variable-length flash kernel, 5.9 when attending across).
-    rounding = max((apart - packed)[:, :5].abs().max(), (apart - across)[:, :5].abs().max())
-    moved = (apart - packed)[:, 5:].abs().max()
-    crossing = (apart - across)[:, 5:].abs().max()
+    packed_gap, across_gap = (apart - packed).abs(), (apart - across).abs()
+    rounding = max(packed_gap[:, :5].max(), across_gap[:, :5].max())
+    moved, crossing = packed_gap[:, 5:].max(), across_gap[:, 5:].max()
     if moved > 4 * rounding + 1e-2 * apart.abs().max() + 1e-3 and moved > 0.1 * crossing:
         raise LoralabError(f"{type(model).__name__} lets packed examples attend to each other (its attention "
                            f"does not restart with the position ids: a packed example's logits moved by "
