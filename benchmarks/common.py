@@ -84,10 +84,10 @@ def train_peer_on_random_rows(model_path: str, dtype: str, batch_size: int, leng
         Trainer(model=model, args=training_args, train_dataset=data, callbacks=[callback]).train()
 
 
-def random_row_step(config):
+def loop_step(config):
     """One optimizer step of the training loop's own functions (train_step, optimizer_step) on the model `train`
-    would build from `config` (an sft RunConfig), fed random full rows: step(batch_size, length). Returns (step,
-    device)."""
+    would build from `config` (an sft RunConfig): step(micro), micro as train_step takes it (micro-batches of rows
+    of examples). Returns (step, model, device)."""
     import contextlib
 
     from loralab.models import compute_dtype, pick_device
@@ -105,12 +105,21 @@ def random_row_step(config):
     scheduler = make_scheduler(optimizer, 10**6, 0, "constant")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def step(micro) -> None:
+        train_step(trained, micro, 0, device, autocast, scaler, causal=True)
+        optimizer_step(optimizer, scheduler, scaler, 1.0)
+
+    return step, model, device
+
+
+def random_row_step(config):
+    """loop_step fed random full rows: step(batch_size, length). Returns (step, device)."""
+    one_step, model, device = loop_step(config)
     vocab = model.get_output_embeddings().weight.shape[0]
 
     def step(batch_size: int, length: int) -> None:
         rows = torch.randint(3, vocab, (batch_size, length)).tolist()
-        train_step(trained, [[[{"input_ids": r, "labels": r}] for r in rows]], 0, device, autocast, scaler,
-                   causal=True)
-        optimizer_step(optimizer, scheduler, scaler, 1.0)
+        one_step([[[{"input_ids": r, "labels": r}] for r in rows]])
 
     return step, device

@@ -12,6 +12,7 @@ from loralab.train.lm_loss import (
     TrainingLoss,
     causal_lm_loss,
     check_packing,
+    scored_positions,
     supports_chunked_loss,
 )
 from loralab.train.loop import train_step
@@ -73,6 +74,13 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(model_type, monke
     assert abs(ours.item() - reference.item()) < 1e-5
     for name, grad in grads(model).items():
         assert torch.allclose(grad, expected[name], atol=1e-5), name
+
+
+def test_scored_positions_are_those_whose_next_token_is_labelled():
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    # row 0: positions 0 and 1 predict 5 and 6; row 1 (from 4 on): positions 5 and 6 predict 7 and 8
+    assert scored_positions(labels).tolist() == [0, 1, 5, 6]
+    assert scored_positions(torch.full((2, 3), -100)).numel() == 0
 
 
 def test_models_with_logit_scaling_keep_their_own_loss():

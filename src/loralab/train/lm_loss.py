@@ -71,14 +71,26 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction over the labelled tokens (labels != -100), as the model's own
     loss computes it; chunked (see above) for the model types that allow it."""
     if not supports_chunked_loss(model):
+        batch = {k: v for k, v in batch.items() if k != "scored"}
         return model(**batch, use_cache=False).loss  # a cache would turn off the packed-sequence masking
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    # training batches carry their scored positions, found on the host: finding them here, on a GPU, would make
+    # the host wait for the forward pass before it could queue the loss and the backward pass
+    scored = batch["scored"] if "scored" in batch else scored_positions(labels)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "scored")}
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    scored = targets != IGNORE_INDEX
-    if not scored.any():
+    if scored.numel() == 0:
         return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph (DDP expects gradients)
-    return LinearCrossEntropy.apply(hidden[:, :-1][scored], model.get_output_embeddings().weight, targets[scored])
+    return LinearCrossEntropy.apply(hidden.flatten(0, 1).index_select(0, scored),
+                                    model.get_output_embeddings().weight, labels.flatten().index_select(0, scored + 1))
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is scored (its label is not -100), as indices into the rows laid end to end
+    (labels.flatten()); a row's last position predicts nothing."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return predicts.flatten().nonzero().squeeze(1)
 
 
 class TrainingLoss(nn.Module):

@@ -43,7 +43,7 @@ from loralab.train.distributed import (
     whole_root,
 )
 from loralab.train.heap import TRIM_EVERY, release_free_heap, trim_inside_steps
-from loralab.train.lm_loss import TrainingLoss, check_packing
+from loralab.train.lm_loss import TrainingLoss, check_packing, scored_positions
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
 from loralab.train.rms_norm import fuse_rms_norm
@@ -462,6 +462,9 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     batches = [pack_batch(rows, pad_id) if any(len(row) > 1 for row in rows) else
                pad_batch([row[0] for row in rows], pad_id) for rows in micro]
     counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
+    if causal:
+        for batch in batches:
+            batch["scored"] = scored_positions(batch["labels"])  # on the CPU too (see causal_lm_loss)
     if causal:
         # right padding under causal attention: real tokens never see the pads after them, so the padding mask
         # changes nothing they compute. Without it, attention takes its causal path (skipping the masked half:
