@@ -81,7 +81,8 @@ def data_steps(config, sync):
     from loralab.tasks import sft
     from loralab.train.loop import micro_batches
 
-    data = sft.prepare(config, load_tokenizer(config.model), read_records(config.data.train, config.data.columns), [])
+    records = read_records(config.data.train, config.data.columns, limit=config.data.limit)
+    data = sft.prepare(config, load_tokenizer(config.model), records, [])
     batches = micro_batches(data, config, 0)
     one_step, _, _ = loop_step(config)
     taken = {"steps": 0, "tokens": 0}

@@ -1,6 +1,6 @@
 import torch
 
-from loralab.data.collate import length_grouped_order, pack_batch, pad_batch, to_device
+from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch, to_device
 
 
 def test_right_and_left_padding():
@@ -41,3 +41,15 @@ def test_packed_rows_restart_positions_and_say_where_the_examples_begin():
     assert batch["max_length_q"] == batch["max_length_k"] == 4
     moved = to_device(batch, torch.device("meta"))  # tensors moved, the lengths left as ints
     assert moved["cu_seq_lens_q"].is_meta and moved["max_length_q"] == 4
+
+
+def test_packed_rows_are_full_and_mix_other_examples_each_epoch():
+    lengths = torch.randint(20, 750, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    epochs = [packed_rows(lengths, 2048, torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    for rows in epochs:
+        assert sorted(i for row in rows for i in row) == list(range(200))  # every example once
+        assert all(sum(lengths[i] for i in row) <= 2048 for row in rows)
+        assert len(rows) <= sum(lengths) / 2048 / 0.95 + 1  # rows ~full
+    # another mix each epoch: sorted by length first, most rows came out the same in every epoch
+    shared = {frozenset(r) for r in epochs[0]} & {frozenset(r) for r in epochs[1]}
+    assert len(shared) <= 1
