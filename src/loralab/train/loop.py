@@ -463,15 +463,13 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
                pad_batch([row[0] for row in rows], pad_id) for rows in micro]
     counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
     if causal:
-        for batch in batches:
-            batch["scored"] = scored_positions(batch["labels"])  # on the CPU too (see causal_lm_loss)
-    if causal:
         # right padding under causal attention: real tokens never see the pads after them, so the padding mask
         # changes nothing they compute. Without it, attention takes its causal path (skipping the masked half:
         # causal_attention.py on CPU, the flash kernels on GPU; grouped-query heads not repeated) and keeps no mask
         # per layer for the backward pass.
         for batch in batches:
             batch.pop("attention_mask", None)
+            batch["scored"] = scored_positions(batch["labels"])  # on the CPU too (see causal_lm_loss)
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
     batches = [to_device(b, device) for b in batches]
     losses = []
