@@ -90,6 +90,9 @@ peft.__version__, torch.cuda.get_device_name())"
         step planner1b python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 --max-length 2048 \
             --checkpointing 0 1 2
         step profile1b python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 4 --length 200
+        # the real packed rows of the SFT stages, each step of a pass timed alone, then profiled
+        step profile1b_packed python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 1 --length 2048 \
+            --steps 10 --data data/alpaca/alpaca_en_demo.json --set data.packing=true data.limit=800
         step profile1b_compile python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 4 --length 200 \
             --set train.compile=true
         step layer python benchmarks/lora_layer_forward.py --device cuda --dtype bfloat16 --dropout 0.1
