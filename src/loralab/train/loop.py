@@ -461,7 +461,6 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     factor)."""
     batches = [pack_batch(rows, pad_id) if any(len(row) > 1 for row in rows) else
                pad_batch([row[0] for row in rows], pad_id) for rows in micro]
-    counts = [scored_items(b["labels"], causal) for b in batches]  # on the CPU: no device sync
     if causal:
         # right padding under causal attention: real tokens never see the pads after them, so the padding mask
         # changes nothing they compute. Without it, attention takes its causal path (skipping the masked half:
@@ -470,6 +469,8 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
         for batch in batches:
             batch.pop("attention_mask", None)
             batch["scored"] = scored_positions(batch["labels"])  # on the CPU too (see causal_lm_loss)
+    # counted on the CPU: no device sync
+    counts = [len(b["scored"]) if causal else scored_items(b["labels"]) for b in batches]
     (total,) = sum_over_ranks(world, [float(sum(counts))], device)
     batches = [to_device(b, device) for b in batches]
     losses = []
@@ -488,12 +489,12 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     return loss_value, tokens
 
 
-def scored_items(labels: torch.Tensor, causal: bool) -> int:
-    """How many items a batch's mean loss averages over: examples (one label each), or labelled tokens (a causal
-    LM's first label predicts nothing)."""
+def scored_items(labels: torch.Tensor) -> int:
+    """How many items a batch's mean loss averages over, outside causal LMs (whose count is their scored
+    positions): examples (one label each), or labelled tokens."""
     if labels.dim() == 1:
         return labels.numel()
-    return int(((labels[:, 1:] if causal else labels) != -100).sum())
+    return int((labels != -100).sum())
 
 
 def optimizer_step(optimizer, scheduler, scaler, max_grad_norm: float | None) -> None:
