@@ -83,10 +83,13 @@ def cmd_estimate(args) -> None:
     from loralab.config import load_config
     from loralab.demo import DEMO_CONFIG
     from loralab.estimate import device_memory, largest_batch_size, parse_bytes, planner
+    from loralab.models import compute_dtype, pick_device
     from loralab.train.report import human_bytes
 
     overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
     config = load_config(args.config, overrides, base=DEMO_CONFIG if args.config is None else None)
+    device = pick_device(config.train.device)
+    dtype_name = str(compute_dtype(config.model, device)).removeprefix("torch.") + f" on {device.type}"
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
     budget = parse_bytes(args.budget) if args.budget else device_memory(config.train.device)
     other = not config.train.gradient_checkpointing
@@ -101,7 +104,7 @@ def cmd_estimate(args) -> None:
             estimates[name] = estimate(batch)
             fits[name] = largest_batch_size(variant, budget, estimate=estimate)
     table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
-                        f"x {config.data.max_length} tokens, {config.model.dtype}")
+                        f"x {config.data.max_length} tokens, {dtype_name}")
     table.add_column("")
     for name in estimates:
         table.add_column(name, justify="right")

@@ -5,7 +5,9 @@
 The model is built exactly as `loralab train` builds it (dtype, LoRA, trainable copies, gradient checkpointing) but
 from fake tensors, which have shapes and no data. One training step (forward, loss, backward) then runs on them
 while a dispatch hook adds up the bytes of every tensor the step allocates and subtracts those freed, so the
-activation peak comes from the model's own code, whatever the architecture, rather than from a formula.
+activation peak comes from the model's own code, whatever the architecture, rather than from a formula. The trace
+runs on the CPU's code paths; for a CUDA run, the one operator that keeps less there (the fused RMSNorm) is traced
+as CUDA runs it.
 """
 
 from __future__ import annotations
@@ -87,10 +89,36 @@ class LiveBytes(TorchDispatchMode):
         self.now -= self.sizes.pop(key, 0)
 
 
+class FusedRmsNormOnCuda(torch.autograd.Function):
+    """torch's rms_norm as it runs on CUDA: one fused kernel each way, keeping x and each row's fp32 reciprocal
+    RMS for the backward pass. Elsewhere torch composes it from elementwise ops that keep fp32 copies of x (so the
+    CPU trace would count bytes a GPU run never holds). Fake tensors only: the fused backward has no CPU kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = torch.ops.aten._fused_rms_norm_backward(grad_out, x, [x.shape[-1]], rstd, weight,
+                                                                      list(ctx.needs_input_grad[:2]))
+        return grad_x, grad_weight, None
+
+
+def rms_norm_on_cuda(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden_states)
+    return FusedRmsNormOnCuda.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
 def _fake_model(config: RunConfig):
     """The training model of `config`, built from its config.json on fake tensors."""
+    from loralab.train.forward_source import replace_forwards
     from loralab.train.loop import enable_checkpointing, trainable_copies_in_fp32
-    from loralab.train.rms_norm import fuse_rms_norm
+    from loralab.train.rms_norm import fuse_rms_norm, is_rms_norm
     from loralab.train.swiglu import fuse_swiglu
 
     m = config.model
@@ -112,6 +140,8 @@ def _fake_model(config: RunConfig):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     fuse_rms_norm(model)
+    if pick_device(config.train.device).type == "cuda":
+        replace_forwards(model, is_rms_norm, rms_norm_on_cuda)
     if config.train.gradient_checkpointing:
         enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     model.train()

@@ -56,9 +56,10 @@ def pick_device(device: str) -> torch.device:
 
 
 def compute_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the device supports it (CUDA with bf16), else fp32."""
+    """auto: bf16 where the device supports it (CUDA with bf16), else fp32. Planning for a GPU on a machine without
+    one (`loralab estimate ... train.device=cuda`) assumes bf16, which every GPU since Ampere has."""
     if config.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
             return torch.bfloat16
         return torch.float32
     return DTYPES[config.dtype]
