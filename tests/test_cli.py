@@ -1,3 +1,6 @@
+import pytest
+import torch
+
 from loralab.cli import USER_ERROR, main
 from tiny_models import tiny_model
 
@@ -37,3 +40,16 @@ def test_estimate_offers_checkpointing_uncompiled_when_the_run_compiles(tmp_path
     assert main(["estimate", str(config), "--budget", "8MiB"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "as configured" in out and "(not compiled)" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans a GPU run on a machine without one")
+def test_estimate_plans_a_gpu_run_here_given_the_gpus_memory(tmp_path, model_dirs, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: sft\nmodel:\n  path: {model_dirs['llama']}\ndata:\n  train: t.json\n")
+    # no GPU here to read the budget from: said, with the option that gives it
+    assert main(["estimate", str(config), "train.device=cuda"]) == USER_ERROR
+    err = capsys.readouterr().err
+    assert "no GPU" in err and "--budget" in err and "80GiB" in err
+    assert main(["estimate", str(config), "train.device=cuda", "--budget", "80GiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "bfloat16 on cuda" in out

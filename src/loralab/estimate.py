@@ -232,8 +232,13 @@ def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estima
         return fits
 
 
-def device_memory(device: str) -> int:
-    """What the training device offers: a GPU's total memory, or the RAM available now."""
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
+def device_memory(device: str, field: str = "--budget") -> int:
+    """What the training device offers: a GPU's total memory, or the RAM available now. A GPU that is not on this
+    machine (planning ahead on a laptop) has no memory to read: the budget must be given (`field`)."""
+    where = pick_device(device)
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoralabError(f"train.device is {device}, and this machine has no GPU whose memory could be the "
+                               "budget", field=field, fix="give the GPU's memory, e.g. 80GiB")
+        return torch.cuda.get_device_properties(where.index or 0).total_memory
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -187,7 +187,8 @@ def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
     from loralab.train.report import human_bytes
 
     t = config.train
-    budget = parse_bytes(t.memory_budget, "train.memory_budget") if t.memory_budget else device_memory(t.device)
+    field = "train.memory_budget"
+    budget = parse_bytes(t.memory_budget, field) if t.memory_budget else device_memory(t.device, field)
     best = largest_batch_size(config, budget, limit=t.global_batch)
     if best is None:
         raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
