@@ -52,8 +52,8 @@ peft.__version__, torch.cuda.get_device_name())"
         LIMIT=240 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py tests/train/test_compiled.py -k gpu
         LIMIT=60 step packed_attention python benchmarks/packed_attention.py
         # equal examples per step: the peer's batches of 10 examples against loralab's packed rows of 2,048 tokens
-        # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab on the
-        # peer's own batches of 10 (the peer's run reused)
+        # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab's
+        # defaults: random batches of 10 as the peer's, padding-free (each batch one row; the peer's run reused)
         LIMIT=240 step sft1b_b10_packed $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \
             --workdir /tmp/sft1b_b10 --loralab data.packing=true train.batch_size=1
         LIMIT=120 step sft1b_b10 $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 --workdir /tmp/sft1b_b10 \
@@ -65,6 +65,10 @@ peft.__version__, torch.cuda.get_device_name())"
         LIMIT=150 step sft1b_b10_packed_3ep_compile $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \
             --epochs 3 --workdir /tmp/sft1b_b10 --reuse-peft --loralab data.packing=true train.batch_size=1 \
             train.compile=true
+        # equal optimizer steps over 3 passes (240 each): loralab's padding-free batches of 10 against the peer's
+        # padded ones, the held-out loss compared at equal steps
+        LIMIT=150 step sft1b_b10_3ep $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 --epochs 3 \
+            --workdir /tmp/sft1b_b10 --reuse-peft
         # the peer without padding too: transformers' padding-free collator lays its batches of 10 end to end in
         # one row (SDPA under the block mask), against loralab's packed rows (the variable-length flash kernel)
         LIMIT=200 step sft1b_b10_padding_free_3ep $SFT --model /tmp/llama-1b --examples 800 --batch-size 10 \

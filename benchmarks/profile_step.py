@@ -15,10 +15,12 @@ of the first pass is timed alone as well. A step whose kernels fill a small shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 from common import loop_step, random_row_config, random_row_step
+from rich.console import Console
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -79,12 +81,14 @@ def data_steps(config, sync):
     from loralab.data.records import read_records
     from loralab.models import load_tokenizer
     from loralab.tasks import sft
-    from loralab.train.loop import micro_batches
+    from loralab.train.loop import micro_batches, resolve_padding_free
 
     records = read_records(config.data.train, config.data.columns, limit=config.data.limit)
     data = sft.prepare(config, load_tokenizer(config.model), records, [])
+    one_step, model, device = loop_step(config)
+    # padding-free or padded batches, as `loralab train` decides for this model
+    config = resolve_padding_free(config, model, device, contextlib.nullcontext(), Console(stderr=True))
     batches = micro_batches(data, config, 0)
-    one_step, _, _ = loop_step(config)
     taken = {"steps": 0, "tokens": 0}
 
     def step():

@@ -7,6 +7,7 @@ An unknown key or a wrong type is an error that names the key and the closest va
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -42,6 +43,10 @@ class DataConfig:
     max_length: int = 512
     train_on_prompt: bool = False
     packing: bool = False  # sft: several examples per row of max_length tokens, kept apart by position ids
+    # causal tasks: each micro-batch's examples end to end in one row, kept apart as packed rows are: the same
+    # examples a step as padded batches, in random order, with nothing spent on padding; auto: where the model
+    # keeps them apart (checked once at the start), else padded batches
+    padding_free: bool | Literal["auto"] = "auto"
     labels: list[str | int] | None = None  # the label set, in order; default: sorted labels seen in training
     limit: int | None = None  # use only the first N training records
     delimiter: str | None = None  # csv/tsv column separator; default from the extension
@@ -57,7 +62,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int | Literal["auto"] = 8  # auto: the largest that fits memory_budget, up to global_batch
     grad_accum: int = 1
-    group_by_length: bool = True  # batches of similar lengths (little padding); false: a plain random order
+    group_by_length: bool = True  # padded batches of similar lengths (little padding); false: a plain random order
     global_batch: int | None = None  # with batch_size auto: examples per step (grad_accum makes up the rest)
     memory_budget: str | None = None  # with batch_size auto, e.g. 24GiB; default: the device's memory
     lr: float = 2e-4
@@ -204,7 +209,7 @@ def apply_override(data: dict, override: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML config (or start from `base`), apply overrides, and check everything."""
-    data: dict = dict(base or {})
+    data: dict = copy.deepcopy(base or {})  # overrides set nested keys: the caller's dict stays as it was
     file = None
     if path is not None:
         file = str(path)
@@ -247,6 +252,9 @@ def _check_values(config: RunConfig, file: str | None) -> None:
          "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
+        ("data.padding_free", config.data.padding_free,
+         config.data.padding_free is not True or config.task in ("sft", "generate-classify"),
+         "padding-free batches are for causal LM tasks (sft, generate-classify); set data.padding_free=false"),
         # torch's partitioner fails on compiled layers that are also checkpointed (mid-run, after loading)
         ("train.compile", t.compile, not (t.compile and t.gradient_checkpointing),
          "compiled layers cannot also be checkpointed; use one: train.compile (which keeps fewer activations "

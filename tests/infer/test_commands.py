@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import loralab.infer.generate as generate_module
 from loralab.cli import USER_ERROR, main
 from loralab.infer.load import load_for_inference
 from run_helpers import SENTIMENT, write_config, write_jsonl
@@ -61,11 +62,19 @@ def test_chat_streams_multi_turn_and_no_adapter_answers_differently(trained, mod
             "--max-new-tokens", "24"]
     script = "What is the capital of France?\nGive three tips\n/reset\nGive three tips\n/exit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    prompts = []
+    real_prompt = generate_module.fitting_prompt
+    monkeypatch.setattr(generate_module, "fitting_prompt",
+                        lambda *a: prompts.append(real_prompt(*a)) or prompts[-1])
     assert main(args) == 0
-    answers = [line.removeprefix("> ") for line in capsys.readouterr().out.splitlines()[1:] if line.strip("> ")]
+    answers = [text.strip() for text in capsys.readouterr().out.split("> ")[1:]]  # an answer may be empty
     assert answers[0] == "Paris is the capital." and answers[2] == "(history cleared)"
     assert answers[3] == "Eat well, sleep enough."
-    assert answers[1] != answers[3]  # the same question with the first exchange in the history is another prompt
+    # the same question, asked after the first exchange, is asked with it (its prompt holds the whole first
+    # prompt); after /reset, without
+    first, with_history, after_reset = (p[0].tolist() for p in prompts)
+    assert len(with_history) > len(after_reset) + len(first) // 2
+    assert with_history[:len(first) - 3] == first[:-3]  # less the generation prompt's tokens
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     assert main([*args, "--no-adapter"]) == 0
     assert "Paris is the capital." not in capsys.readouterr().out

@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import USER_ERROR, main
+from loralab.data.collate import pack_batch
 from loralab.train import loop
 from loralab.train.heap import TRIM_EVERY
 from run_helpers import SENTIMENT, write_config, write_jsonl
@@ -208,7 +209,8 @@ def sft_run(tmp_path, model_dirs, name, **train):
     config = write_config(tmp_path / f"{name}.yaml", name=name, output_dir=str(tmp_path / "runs"), task="sft",
                           model={"path": str(model_dirs["llama"])}, lora={"r": 4, "dropout": 0.0},
                           data={"train": str(data), "max_length": 64, "template": "chatml",
-                                "packing": train.pop("packing", False)},
+                                "packing": train.pop("packing", False),
+                                "padding_free": train.pop("padding_free", "auto")},
                           train={"epochs": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, **train})
     assert run(config) == 0
     return [json.loads(line)["loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").open()
@@ -220,6 +222,59 @@ def test_packing_trains_on_fewer_fuller_rows(tmp_path, model_dirs):
     packed, packed_report = sft_run(tmp_path, model_dirs, "packed", packing=True)
     assert packed_report["steps"] < plain_report["steps"]  # 16 short examples fill few 64-token rows
     assert packed_report["tokens_per_second"] > 0 and packed[-1] < packed[0]
+
+
+def test_padding_free_batches_train_as_padded_random_batches_do(tmp_path, model_dirs, monkeypatch):
+    rows = []
+    monkeypatch.setattr(loop, "pack_batch", lambda batch, pad_id: rows.append(len(batch)) or pack_batch(batch, pad_id))
+    padded, _ = sft_run(tmp_path, model_dirs, "padded", padding_free=False, group_by_length=False)
+    assert rows == []
+    flat, report = sft_run(tmp_path, model_dirs, "flat")  # auto: the tiny Llama keeps a row's examples apart
+    assert rows == [1] * report["steps"]  # each step's 4 examples in one row
+    assert flat == pytest.approx(padded, abs=1e-4)  # the same examples each step, so the same losses
+
+
+def test_padding_free_micro_batches_are_the_random_order_one_row_each():
+    from loralab.config import load_config
+    from loralab.tasks import TaskData
+    from loralab.train.loop import micro_batches
+
+    data = TaskData([{"input_ids": [0] * n} for n in [3, 40, 5, 38, 4, 41, 6, 39] * 4], [])
+    base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}, "train": {"batch_size": 4}}
+    flat = micro_batches(data, load_config(None, ["data.padding_free=true"], base=base), epoch=1)
+    padded = micro_batches(data, load_config(None, ["data.padding_free=false", "train.group_by_length=false"],
+                                             base=base), epoch=1)
+    assert flat == [[[i for row in rows for i in row]] for rows in padded] and len(flat[0][0]) == 4
+
+
+def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp_path, model_dirs, capsys):
+    from loralab.config import load_config
+    from loralab.errors import LoralabError
+
+    class OwnCodeLM(torch.nn.Module):  # code of its own that takes none of the packed rows' arguments
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(64, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, position_ids, use_cache):
+            return type("Output", (), {"logits": self.embed(input_ids)})
+
+    base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
+    console = loop.Console(file=None, force_terminal=False)
+    auto = loop.resolve_padding_free(load_config(None, [], base=base), OwnCodeLM(), "cpu",
+                                     torch.autocast("cpu", enabled=False), console)
+    assert auto.data.padding_free is False and "batches are padded: OwnCodeLM does not take" in capsys.readouterr().out
+    with pytest.raises(LoralabError, match="data.padding_free=false"):
+        loop.resolve_padding_free(load_config(None, ["data.padding_free=true"], base=base), OwnCodeLM(), "cpu",
+                                  torch.autocast("cpu", enabled=False), console)
+    encoder = load_config(None, [], base={**base, "task": "classification"})
+    assert loop.resolve_padding_free(encoder, None, "cpu", None, console).data.padding_free is False
+    assert run(write_config(tmp_path / "bad.yaml", task="classification", model={"path": str(model_dirs["bert"])},
+                            data={"train": "x.jsonl", "padding_free": True})) == USER_ERROR
+    assert "data.padding_free" in capsys.readouterr().err
 
 
 def test_compiled_blocks_train_like_eager_ones(tmp_path, model_dirs):

@@ -1,5 +1,6 @@
 """Batching: pad lists of token ids to the longest in the batch (right side for training, left for generation),
-or pack several examples into each row (sft) so that no compute goes to padding."""
+or lay several examples end to end in each row (packed rows of max_length tokens, or a padding-free micro-batch
+in one row) so that no compute goes to padding."""
 
 from __future__ import annotations
 

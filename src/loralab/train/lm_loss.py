@@ -15,6 +15,7 @@ from torch import nn
 from loralab.data.collate import pack_batch, to_device
 from loralab.data.templates import IGNORE_INDEX
 from loralab.errors import LoralabError
+from loralab.train.frozen_linear import linear
 
 # model types whose logits are exactly output_embeddings(base_model(...).last_hidden_state): no soft-capping,
 # logit scaling or auxiliary losses (those keep the model's own forward)
@@ -37,7 +38,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, n, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = (h @ w.T).float()
+            logits = linear(h, w).float()
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             # one exp pass, in place: softmax for the gradient, its normaliser for the loss
@@ -47,7 +48,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d(mean CE)/d(logits) = (softmax - onehot) / n
             grad.div_(norm * n)
             grad[torch.arange(len(t), device=t.device), t] -= 1 / n
-            grad_hidden[start:start + rows] = grad.to(w.dtype) @ w
+            grad_hidden[start:start + rows] = linear(grad.to(w.dtype), w.t())
             if grad_weight is not None:
                 grad_weight.addmm_(grad.T, h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -105,7 +106,7 @@ class TrainingLoss(nn.Module):
         return causal_lm_loss(self.model, batch) if self.causal else self.model(**batch).loss
 
 
-def check_packing(model: nn.Module, device, autocast) -> None:
+def check_packing(model: nn.Module, device, autocast, field: str = "data.packing") -> None:
     """Packing needs attention that restarts where position ids restart (transformers' masking does this for
     most current decoders, given no attention_mask; loralab's attention and transformers' flash attention read the
     examples' bounds the batch carries). Checked once: two short random sequences run apart and packed in one row
@@ -132,8 +133,7 @@ def check_packing(model: nn.Module, device, autocast) -> None:
                 if "keyword argument" not in str(error):
                     raise
                 raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
-                                   field="data.packing",
-                                   fix="data.packing=false (length-grouped batches waste little padding)") from error
+                                   field=field, fix=f"{field}=false (padded batches)") from error
     finally:
         model.train(was_training)
     # The first example comes first in every row, so causal attention gives it the same logits each way: what
@@ -149,5 +149,4 @@ def check_packing(model: nn.Module, device, autocast) -> None:
         raise LoralabError(f"{type(model).__name__} lets packed examples attend to each other (its attention "
                            f"does not restart with the position ids: a packed example's logits moved by "
                            f"{moved:.3g}, attending across examples moves them by {crossing:.3g})",
-                           field="data.packing",
-                           fix="data.packing=false (length-grouped batches waste little padding)")
+                           field=field, fix=f"{field}=false (padded batches)")
