@@ -58,6 +58,6 @@ def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict
                                  device, autocast):
         gold += batch["labels"].tolist()
         predicted += output.logits.argmax(-1).tolist()
-        s, n = loss_sum(output.loss, batch["labels"], shifted=False)
+        s, n = loss_sum(output.loss, batch["labels"])
         total, count = total + s, count + n
     return {"loss": total / max(count, 1), **classification_metrics(gold, predicted)}

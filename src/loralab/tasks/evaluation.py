@@ -26,13 +26,12 @@ def batches(model, examples: list[dict], pad_id: int, batch_size: int, device, a
         model.train(was_training)
 
 
-def loss_sum(loss: torch.Tensor, labels: torch.Tensor, shifted: bool) -> tuple[float, int]:
-    """(summed loss, number of scored items) from a batch's mean loss, so averages weight every token equally.
-    shifted: causal LMs predict token t+1 from position t, so the first label of each row scores nothing."""
+def loss_sum(loss: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(summed loss, number of scored items) from an encoder batch's mean loss, so averages weight every item
+    equally (causal LMs: lm_loss.summed_causal_lm_loss)."""
     if labels.dim() == 1:  # one label per example
         return loss.item() * labels.numel(), labels.numel()
-    scored = labels[:, 1:] if shifted else labels
-    n = int((scored != -100).sum())
+    n = int((labels != -100).sum())
     return loss.item() * n, n
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 
+from loralab.data.collate import pack_batch, pad_batch, to_device
 from loralab.data.formats import resolve_format, to_conversation
 from loralab.data.records import Record
 from loralab.data.templates import encode_chat, encode_prompt, resolve_template
 from loralab.tasks import TaskData
-from loralab.tasks.evaluation import batches, generate, loss_sum
+from loralab.tasks.evaluation import generate
+from loralab.train.lm_loss import summed_causal_lm_loss
 
 log = logging.getLogger("loralab")
 MAIN_METRIC = "loss"
@@ -69,10 +71,22 @@ def samples(model, tokenizer, data: TaskData, config, device, autocast) -> list[
 
 
 def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:
+    """The loss over the validation answers' tokens, eval_batch_size examples at a time: each batch one
+    padding-free row where training uses them (data.padding_free as the run resolved it), and the chunked loss,
+    which holds no full-vocabulary logits, where the model allows."""
     total, count = 0.0, 0
-    for batch, output in batches(model, data.validation, tokenizer.pad_token_id, config.train.eval_batch_size,
-                                 device, autocast):
-        s, n = loss_sum(output.loss, batch["labels"], shifted=True)
-        total, count = total + s, count + n
+    size, pad_id = config.train.eval_batch_size, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(data.validation), size):
+            examples = data.validation[start:start + size]
+            batch = (pack_batch([examples], pad_id) if config.data.padding_free is True and len(examples) > 1
+                     else pad_batch(examples, pad_id))
+            with autocast:
+                summed, n = summed_causal_lm_loss(model, to_device(batch, device))
+            total, count = total + float(summed), count + n
+    finally:
+        model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}

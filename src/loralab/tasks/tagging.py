@@ -93,7 +93,7 @@ def predict_tags(model, tokenizer, examples, config, device, autocast, labels) -
             keep = [i for i, lab in enumerate(row_labels) if lab != IGNORE_INDEX]
             gold.append([labels[row_labels[i]] for i in keep])
             predicted.append([labels[row_pred[i]] for i in keep])
-        s, n = loss_sum(output.loss, batch["labels"], shifted=False)
+        s, n = loss_sum(output.loss, batch["labels"])
         total, count = total + s, count + n
     return gold, predicted, total / max(count, 1)
 

@@ -10,6 +10,7 @@ in the forward pass (softmax minus one-hot), so logits are never stored and neve
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loralab.data.collate import pack_batch, to_device
@@ -84,6 +85,28 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
         return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph (DDP expects gradients)
     return LinearCrossEntropy.apply(hidden.flatten(0, 1).index_select(0, scored),
                                     model.get_output_embeddings().weight, labels.flatten().index_select(0, scored + 1))
+
+
+@torch.no_grad()
+def summed_causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(the cross-entropy summed over the labelled tokens, their number), without gradients: evaluation's loss.
+    Chunked as in training where the model allows, so that evaluating never holds full-vocabulary logits either:
+    SmolLM2's 40 held-out alpaca examples in batches of 32 took the process to 7.1 GiB through the model's own
+    loss (three times a training step's peak), and take it to 1.5 GiB chunked (1.1 GiB in padding-free rows)."""
+    labels = batch["labels"]
+    scored = scored_positions(labels)
+    if not supports_chunked_loss(model):
+        return model(**batch, use_cache=False).loss.float() * len(scored), len(scored)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1).index_select(0, scored)
+    targets = labels.flatten().index_select(0, scored + 1)
+    weight = model.get_output_embeddings().weight.to(hidden.dtype)
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(scored), rows):
+        logits = linear(hidden[start:start + rows], weight).float()
+        total += F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
+    return total, len(scored)
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
