@@ -11,7 +11,8 @@ from loralab.train.frozen_linear import frozen_linear, use_onednn_for_frozen_lin
 from loralab.train.lm_loss import causal_lm_loss
 from tiny_models import tiny_model
 
-pytestmark = pytest.mark.skipif(frozen.ONEDNN_LINEAR is None, reason="oneDNN's linear is for x86 CPUs")
+pytestmark = pytest.mark.skipif(frozen.ONEDNN_LINEAR is None,
+                                reason="frozen products go through oneDNN on AMD CPUs only")
 
 
 @pytest.fixture

@@ -277,6 +277,26 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
     assert "data.padding_free" in capsys.readouterr().err
 
 
+def test_padding_free_is_auto_only_where_attention_takes_each_example_alone(monkeypatch):
+    from loralab.config import load_config
+
+    monkeypatch.setattr(loop, "check_packing", lambda *args, **kwargs: None)  # the model keeps examples apart
+    base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
+    console = loop.Console(quiet=True)
+
+    def resolved(device, flash, *overrides):
+        monkeypatch.setattr(loop, "flash_kernel_runs_on", lambda d: flash)
+        config = load_config(None, list(overrides), base=base)
+        return loop.resolve_padding_free(config, None, torch.device(device), None, console).data.padding_free
+
+    assert resolved("cpu", False) is True
+    assert resolved("cuda", True) is True  # auto: bf16 on a GPU, through the variable-length flash kernel
+    # SDPA under a block mask would compute each row's whole square: padded batches instead, unless asked
+    assert resolved("cuda", True, "model.dtype=fp32") is False
+    assert resolved("cuda", False) is False
+    assert resolved("cuda", False, "data.padding_free=true") is True
+
+
 def test_compiled_blocks_train_like_eager_ones(tmp_path, model_dirs):
     eager, _ = sft_run(tmp_path, model_dirs, "eager")
     compiled, _ = sft_run(tmp_path, model_dirs, "compiled", compile=True)

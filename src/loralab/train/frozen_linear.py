@@ -1,4 +1,4 @@
-"""Products with frozen weights on an x86 CPU through oneDNN instead of MKL.
+"""Products with frozen weights on an AMD CPU through oneDNN instead of MKL.
 
 torch sends fp32 matrix products on an x86 CPU to MKL's sgemm. On AMD CPUs MKL runs a generic code path: on the
 2-core Zen 5 host of BENCHMARKS.md it reaches about 200 GFLOP/s at SmolLM2's shapes, where oneDNN (built into
@@ -9,7 +9,7 @@ for linear layers), as one custom operator, so compiled blocks take it too. Resu
 rounding (tested).
 
 Trainable weights (their gradients), other dtypes (torch already sends bf16 to oneDNN), autocast, other devices
-and CPUs of other architectures keep torch's linear.
+and other CPUs keep torch's linear: on Intel CPUs MKL is tuned, and no Intel host has been measured.
 """
 
 from __future__ import annotations
@@ -21,9 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+def amd_cpu() -> bool:
+    """An x86 CPU made by AMD (Linux names the vendor in /proc/cpuinfo, Windows in platform.processor())."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in info)
+    except OSError:
+        return "AuthenticAMD" in platform.processor()
+
+
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                 if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 else None)
+                 if amd_cpu() and torch.backends.mkldnn.is_available() else None)
 
 
 @torch.library.custom_op("loralab::frozen_linear", mutates_args=())
