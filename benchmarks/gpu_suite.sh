@@ -104,6 +104,11 @@ peft.__version__, torch.cuda.get_device_name())"
     8b)
         step base8b python benchmarks/random_base.py llama-8b /tmp/llama-8b --tokenizer "$TOKENIZER"
         step sft8b $SFT --model /tmp/llama-8b --examples 200 --workdir /tmp/sft8b
+        # equal optimizer steps (40 each): the peer's padded batches of 10 against loralab's defaults, the same
+        # random batches padding-free; then packed rows (39 steps) against the same peer
+        LIMIT=300 step sft8b_b10 $SFT --model /tmp/llama-8b --examples 400 --batch-size 10 --workdir /tmp/sft8b_b10
+        LIMIT=150 step sft8b_b10_packed $SFT --model /tmp/llama-8b --examples 400 --batch-size 10 \
+            --workdir /tmp/sft8b_b10 --reuse-peft --loralab data.packing=true train.batch_size=1
         step planner8b python benchmarks/planner_accuracy.py --model /tmp/llama-8b --batch-size 4 --max-length 2048 \
             --checkpointing 0 1
         ;;
