@@ -94,3 +94,16 @@ def test_trainable_weights_other_dtypes_and_autocast_keep_torchs_linear(onednn_c
     assert onednn_calls == []
     layer(x)
     assert onednn_calls == [(4, 16)]
+
+
+def test_onednns_kernel_cache_is_kept_small_unless_the_user_sized_it():
+    import os
+    import subprocess
+    import sys
+
+    read = "import os, loralab.train.frozen_linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    for given, kept in ((None, "64"), ("8", "8")):
+        run_env = env if given is None else {**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": given}
+        out = subprocess.run([sys.executable, "-c", read], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == kept

@@ -14,6 +14,7 @@ and other CPUs keep torch's linear: on Intel CPUs MKL is tuned, and no Intel hos
 
 from __future__ import annotations
 
+import os
 import platform
 import types
 
@@ -35,6 +36,12 @@ def amd_cpu() -> bool:
 
 ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                  if amd_cpu() and torch.backends.mkldnn.is_available() else None)
+if ONEDNN_LINEAR is not None:
+    # oneDNN keeps the kernel it builds for each product shape, up to 1,024 of them, about 0.45 MiB each. Rows
+    # change length from step to step, so a long run fills the cache (0.45 GiB at SmolLM2's shapes). A step uses
+    # 8-16 shapes, which every layer shares, and keeping 64 is as fast (benchmarks/cpu_matmul.py --lengths: 34.9
+    # against 34.4 s; none kept, 42.6 s). oneDNN reads this when it first builds a kernel; a user's value stands.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 @torch.library.custom_op("loralab::frozen_linear", mutates_args=())
