@@ -1,6 +1,7 @@
 """`loralab train` end to end on tiny models, one run per task, through the CLI entry point."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,6 +256,7 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(64, 8)
+            self.config = SimpleNamespace(_attn_implementation=loop.LORALAB_ATTENTION)
 
         def get_input_embeddings(self):
             return self.embed
@@ -284,16 +286,19 @@ def test_padding_free_is_auto_only_where_attention_takes_each_example_alone(monk
     base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
     console = loop.Console(quiet=True)
 
-    def resolved(device, flash, *overrides):
+    def resolved(device, flash, *overrides, attention=loop.LORALAB_ATTENTION):
         monkeypatch.setattr(loop, "flash_kernel_runs_on", lambda d: flash)
         config = load_config(None, list(overrides), base=base)
-        return loop.resolve_padding_free(config, None, torch.device(device), None, console).data.padding_free
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+        return loop.resolve_padding_free(config, model, torch.device(device), None, console).data.padding_free
 
     assert resolved("cpu", False) is True
     assert resolved("cuda", True) is True  # auto: bf16 on a GPU, through the variable-length flash kernel
-    # SDPA under a block mask would compute each row's whole square: padded batches instead, unless asked
+    # a block mask would compute each row's whole square: padded batches instead, unless asked
     assert resolved("cuda", True, "model.dtype=fp32") is False
     assert resolved("cuda", False) is False
+    assert resolved("cpu", False, attention="eager") is False
+    assert resolved("cuda", False, attention="flash_attention_2") is True  # transformers' varlen path
     assert resolved("cuda", False, "data.padding_free=true") is True
 
 

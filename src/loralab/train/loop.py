@@ -25,6 +25,7 @@ from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter,
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
 from loralab.tasks import TaskData, get_task
 from loralab.tasks.evaluation import position_limit
+from loralab.train.causal_attention import NAME as LORALAB_ATTENTION
 from loralab.train.causal_attention import flash_kernel_runs_on, use_chunked_attention
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
 from loralab.train.compiled import compile_model
@@ -246,15 +247,18 @@ def micro_batches(data: TaskData, config: RunConfig, epoch: int, world: World = 
 
 def resolve_padding_free(config: RunConfig, model, device, autocast, console: Console) -> RunConfig:
     """data.padding_free as the run will use it, True or False. auto means padding-free batches for causal tasks
-    whose model keeps the examples of a row apart (check_packing), where loralab's attention takes each example
-    alone: on the CPU, and on GPUs with torch's flash kernel in half precision. Elsewhere (fp32 on a GPU, older
-    GPUs) SDPA would compute the whole square of the row under a block mask: 32 examples a row cost 32 times a
-    padded batch's attention, so auto pads there. Asked for outright, a model that cannot keep examples apart is
-    an error. Packed rows have no padding to free."""
+    whose model keeps the examples of a row apart (check_packing), where attention takes each example alone:
+    loralab's on the CPU and on GPUs with torch's flash kernel in half precision, and transformers' flash
+    attention. Elsewhere (fp32 on a GPU, older GPUs, eager attention) the row would go through a block mask that
+    computes its whole square: 32 examples a row cost 32 times a padded batch's attention, so auto pads there.
+    Asked for outright, a model that cannot keep examples apart is an error. Packed rows have no padding to
+    free."""
     d = config.data
     device = torch.device(device)
-    attention_per_example = device.type == "cpu" or (
-        flash_kernel_runs_on(device) and compute_dtype(config.model, device) in (torch.float16, torch.bfloat16))
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    attention_per_example = attention.startswith("flash_attention") or attention == LORALAB_ATTENTION and (
+        device.type == "cpu"
+        or flash_kernel_runs_on(device) and compute_dtype(config.model, device) in (torch.float16, torch.bfloat16))
     wanted = d.padding_free is True or (d.padding_free == "auto" and config.task in CAUSAL_TASKS
                                         and attention_per_example)
     use = wanted and not d.packing
