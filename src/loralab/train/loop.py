@@ -153,7 +153,8 @@ def setup_model(config: RunConfig, data: TaskData, device, dtype):
         trainable_copies_in_fp32(model)
     fuse_swiglu(model)
     fuse_rms_norm(model)
-    use_onednn_for_frozen_linears(model)  # fp32 on an AMD CPU: about twice MKL's speed
+    if pick_device(config.train.device).type == "cpu":  # (fsdp loads on the CPU what trains on a GPU)
+        use_onednn_for_frozen_linears(model)  # fp32 on an AMD CPU: about twice MKL's speed
     if config.task in CAUSAL_TASKS:
         use_chunked_attention(model)  # causal attention on CPU computes about 10/16 of the scores, not all
     if config.train.gradient_checkpointing:
