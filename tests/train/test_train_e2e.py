@@ -302,6 +302,18 @@ def test_padding_free_is_auto_only_where_attention_takes_each_example_alone(monk
     assert resolved("cuda", False, "data.padding_free=true") is True
 
 
+def test_cpu_training_takes_its_frozen_products_through_onednn(tmp_path, model_dirs, monkeypatch):
+    import loralab.train.frozen_linear as frozen
+
+    if frozen.ONEDNN_LINEAR is None:
+        pytest.skip("frozen products go through oneDNN on AMD CPUs only")
+    calls = []
+    real = frozen.ONEDNN_LINEAR
+    monkeypatch.setattr(frozen, "ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    sft_run(tmp_path, model_dirs, "onednn")
+    assert len(calls) > 100  # 8 steps of 2 layers' 7 products, forward and backward, and the head's
+
+
 def test_compiled_blocks_train_like_eager_ones(tmp_path, model_dirs):
     eager, _ = sft_run(tmp_path, model_dirs, "eager")
     compiled, _ = sft_run(tmp_path, model_dirs, "compiled", compile=True)
