@@ -8,8 +8,10 @@ is why it runs every few steps, not after each one.
 
 Within one step the same happens on a larger scale: the forward pass frees each block's temporaries between the
 activations it keeps, and the heap grows past those holes, so an eager step's RSS peaked about 1 GiB above its
-live tensors (SmolLM2-135M, 4 x 512 tokens: 3.65 against 2.62 GiB). Returning free pages every few blocks, in
-the forward and the backward pass, keeps the peak at 2.67 GiB (benchmarks/step_memory.py; BENCHMARKS.md).
+live tensors (SmolLM2-135M, 4 x 512 tokens: 3.65 against 2.62 GiB). Returning free pages every few blocks of
+the forward pass keeps it at 2.90 GiB (benchmarks/step_memory.py; BENCHMARKS.md). Trimming in the backward pass
+as well held 2.67 GiB, but once the products ran through oneDNN (frozen_linear.py) its page faults cost 6-10% of
+a step for 0.1-0.2 GiB (the SmolLM2 benchmark: 108.0 against 115.0-120.6 s, 2.26 against 2.17 GiB).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def release_free_heap() -> bool:
 
 def trim_inside_steps(model: torch.nn.Module, every: int = TRIM_EVERY_BLOCKS) -> int:
     """Return the heap's free pages after every `every`-th transformer block (the model's `_no_split_modules`) of
-    a training step's forward pass, and before its backward pass through that block, when the block runs on the
-    CPU. For eager training only (compiled blocks would trace the call). Returns how many blocks do so."""
+    a training step's forward pass, when the block runs on the CPU. For eager training only (compiled blocks
+    would trace the call). Returns how many blocks do so."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names][::every]
     if _malloc_trim() is None:
@@ -61,9 +63,3 @@ def _trim_after_block(module, args, output) -> None:
             and hidden.device.type == "cpu"):
         return  # evaluation and generation keep nothing for a backward pass; GPU memory is not the C heap's
     release_free_heap()
-    if hidden.requires_grad:
-        hidden.register_hook(_trim_in_backward)
-
-
-def _trim_in_backward(grad):
-    release_free_heap()  # returns None: the gradient passes unchanged
