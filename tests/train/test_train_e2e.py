@@ -266,14 +266,14 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
 
     base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
     console = loop.Console(file=None, force_terminal=False)
-    auto = loop.resolve_padding_free(load_config(None, [], base=base), OwnCodeLM(), "cpu",
+    auto = loop.resolve_padding_free(load_config(None, [], base=base), OwnCodeLM(), torch.device("cpu"),
                                      torch.autocast("cpu", enabled=False), console)
     assert auto.data.padding_free is False and "batches are padded: OwnCodeLM does not take" in capsys.readouterr().out
     with pytest.raises(LoralabError, match="data.padding_free=false"):
-        loop.resolve_padding_free(load_config(None, ["data.padding_free=true"], base=base), OwnCodeLM(), "cpu",
-                                  torch.autocast("cpu", enabled=False), console)
+        loop.resolve_padding_free(load_config(None, ["data.padding_free=true"], base=base), OwnCodeLM(),
+                                  torch.device("cpu"), torch.autocast("cpu", enabled=False), console)
     encoder = load_config(None, [], base={**base, "task": "classification"})
-    assert loop.resolve_padding_free(encoder, None, "cpu", None, console).data.padding_free is False
+    assert loop.resolve_padding_free(encoder, None, torch.device("cpu"), None, console).data.padding_free is False
     assert run(write_config(tmp_path / "bad.yaml", task="classification", model={"path": str(model_dirs["bert"])},
                             data={"train": "x.jsonl", "padding_free": True})) == USER_ERROR
     assert "data.padding_free" in capsys.readouterr().err

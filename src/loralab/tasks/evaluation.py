@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
 from loralab.data.collate import pad_batch
 
 
-def batches(model, examples: list[dict], pad_id: int, batch_size: int, device, autocast: AbstractContextManager
-            ) -> Iterator[tuple[dict, object]]:
-    """Yield (batch, model output) over `examples`, in order, in eval mode; restores the previous mode."""
+@contextmanager
+def evaluating(model) -> Iterator[None]:
+    """The model in eval mode without gradients; its previous mode restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
-                with autocast:
-                    output = model(**batch)
-                yield batch, output
+            yield
     finally:
         model.train(was_training)
+
+
+def batches(model, examples: list[dict], pad_id: int, batch_size: int, device, autocast: AbstractContextManager
+            ) -> Iterator[tuple[dict, object]]:
+    """Yield (batch, model output) over `examples`, in order, in eval mode; restores the previous mode."""
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
+            with autocast:
+                output = model(**batch)
+            yield batch, output
 
 
 def loss_sum(loss: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -55,24 +62,19 @@ def generate(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tok
     gives generate() options. on_batch(n) is called after each batch of n prompts (for progress bars). Prompt
     and answer are kept within the model's positions (fit_to_positions): sample answers and label generation
     during training must not crash a run; `loralab generate` checks its prompts first."""
-    was_training = model.training
-    model.eval()
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
                **(sampling or {})}
     answers = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
-                keep, room = fit_to_positions(batch["input_ids"].shape[1], options["max_new_tokens"],
-                                              position_limit(model))
-                batch = {k: v[:, v.shape[1] - keep:].to(device) for k, v in batch.items()}
-                with autocast:
-                    out = model.generate(**batch, **{**options, "max_new_tokens": room})
-                new = out[:, batch["input_ids"].shape[1]:]
-                answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-                if on_batch:
-                    on_batch(len(new))
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(prompts), batch_size):
+            batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
+            keep, room = fit_to_positions(batch["input_ids"].shape[1], options["max_new_tokens"],
+                                          position_limit(model))
+            batch = {k: v[:, v.shape[1] - keep:].to(device) for k, v in batch.items()}
+            with autocast:
+                out = model.generate(**batch, **{**options, "max_new_tokens": room})
+            new = out[:, batch["input_ids"].shape[1]:]
+            answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            if on_batch:
+                on_batch(len(new))
     return answers

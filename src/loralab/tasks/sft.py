@@ -10,7 +10,7 @@ from loralab.data.formats import resolve_format, to_conversation
 from loralab.data.records import Record
 from loralab.data.templates import encode_chat, encode_prompt, resolve_template
 from loralab.tasks import TaskData
-from loralab.tasks.evaluation import generate
+from loralab.tasks.evaluation import evaluating, generate
 from loralab.train.lm_loss import summed_causal_lm_loss
 
 log = logging.getLogger("loralab")
@@ -76,9 +76,7 @@ def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict
     which holds no full-vocabulary logits, where the model allows."""
     total, count = 0.0, 0
     size, pad_id = config.train.eval_batch_size, tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(data.validation), size):
             examples = data.validation[start:start + size]
             batch = (pack_batch([examples], pad_id) if config.data.padding_free is True and len(examples) > 1
@@ -86,7 +84,5 @@ def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict
             with autocast:
                 summed, n = summed_causal_lm_loss(model, to_device(batch, device))
             total, count = total + float(summed), count + n
-    finally:
-        model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}

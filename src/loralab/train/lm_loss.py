@@ -16,6 +16,7 @@ from torch import nn
 from loralab.data.collate import pack_batch, to_device
 from loralab.data.templates import IGNORE_INDEX
 from loralab.errors import LoralabError
+from loralab.tasks.evaluation import evaluating
 from loralab.train.frozen_linear import linear
 
 # model types whose logits are exactly output_embeddings(base_model(...).last_hidden_state): no soft-capping,
@@ -79,8 +80,7 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     # training batches carry their scored positions, found on the host: finding them here, on a GPU, would make
     # the host wait for the forward pass before it could queue the loss and the backward pass
     scored = batch["scored"] if "scored" in batch else scored_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "scored")}
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder_states(model, batch)
     if scored.numel() == 0:
         return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph (DDP expects gradients)
     return LinearCrossEntropy.apply(hidden.flatten(0, 1).index_select(0, scored),
@@ -97,8 +97,7 @@ def summed_causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, 
     scored = scored_positions(labels)
     if not supports_chunked_loss(model):
         return model(**batch, use_cache=False).loss.float() * len(scored), len(scored)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1).index_select(0, scored)
+    hidden = decoder_states(model, batch).flatten(0, 1).index_select(0, scored)
     targets = labels.flatten().index_select(0, scored + 1)
     weight = model.get_output_embeddings().weight.to(hidden.dtype)
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -107,6 +106,12 @@ def summed_causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, 
         logits = linear(hidden[start:start + rows], weight).float()
         total += F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
     return total, len(scored)
+
+
+def decoder_states(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The last hidden states of the decoder alone (no output head), for the batch less its labels."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "scored")}
+    return model.base_model(**inputs, use_cache=False).last_hidden_state
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -137,28 +142,23 @@ def check_packing(model: nn.Module, device, autocast, field: str = "data.packing
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     a, b = (torch.randint(vocab, (n,), generator=generator).tolist() for n in (5, 7))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:
-            def logits(**batch):
-                return model(**to_device(batch, device), use_cache=False).logits.float()
-            apart = torch.cat([logits(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None])
-                               for ids in (a, b)], dim=1)
-            # the two as one sequence: what attention across the examples gives
-            across = logits(input_ids=torch.tensor([a + b]), position_ids=torch.arange(len(a + b))[None])
-            # the row as training packs it (the examples' bounds included), less the labels
-            row = pack_batch([[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}]], pad_id=0)
-            del row["labels"]
-            try:
-                packed = logits(**row)
-            except TypeError as error:  # code of the model's own, without transformers' keyword arguments
-                if "keyword argument" not in str(error):
-                    raise
-                raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
-                                   field=field, fix=f"{field}=false (padded batches)") from error
-    finally:
-        model.train(was_training)
+    with evaluating(model), autocast:
+        def logits(**batch):
+            return model(**to_device(batch, device), use_cache=False).logits.float()
+        apart = torch.cat([logits(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None])
+                           for ids in (a, b)], dim=1)
+        # the two as one sequence: what attention across the examples gives
+        across = logits(input_ids=torch.tensor([a + b]), position_ids=torch.arange(len(a + b))[None])
+        # the row as training packs it (the examples' bounds included), less the labels
+        row = pack_batch([[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}]], pad_id=0)
+        del row["labels"]
+        try:
+            packed = logits(**row)
+        except TypeError as error:  # code of the model's own, without transformers' keyword arguments
+            if "keyword argument" not in str(error):
+                raise
+            raise LoralabError(f"{type(model).__name__} does not take the arguments of packed rows ({error})",
+                               field=field, fix=f"{field}=false (padded batches)") from error
     # The first example comes first in every row, so causal attention gives it the same logits each way: what
     # differs there is rounding (kernels pick other tilings for another length; 2% of the largest logit for
     # SmolLM2 in bf16 with SDPA on CPU). The second example must agree as closely, or sit far nearer its logits

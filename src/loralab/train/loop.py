@@ -255,11 +255,11 @@ def resolve_padding_free(config: RunConfig, model, device, autocast, console: Co
     Asked for outright, a model that cannot keep examples apart is an error. Packed rows have no padding to
     free."""
     d = config.data
-    device = torch.device(device)
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    attention_per_example = attention.startswith("flash_attention") or attention == LORALAB_ATTENTION and (
-        device.type == "cpu"
-        or flash_kernel_runs_on(device) and compute_dtype(config.model, device) in (torch.float16, torch.bfloat16))
+    ours_per_example = device.type == "cpu" or (
+        flash_kernel_runs_on(device) and compute_dtype(config.model, device) in (torch.float16, torch.bfloat16))
+    attention_per_example = (attention.startswith("flash_attention")
+                             or (attention == LORALAB_ATTENTION and ours_per_example))
     wanted = d.padding_free is True or (d.padding_free == "auto" and config.task in CAUSAL_TASKS
                                         and attention_per_example)
     use = wanted and not d.packing
