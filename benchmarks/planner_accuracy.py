@@ -8,12 +8,18 @@ training loop's own step functions on full rows (batch x max_length random token
 planner's worst case). Measured: torch.cuda.max_memory_allocated over the whole process (load included) on a GPU,
 the process's peak RSS on CPU (which also holds the interpreter and libraries, roughly 0.4 GiB, that the planner
 leaves out). The planner's figure comes from config.json alone, on fake tensors.
+
+On CPU the peak RSS also holds what glibc's heap keeps of freed memory, so each setting runs a second time with
+every allocation above 128 KiB served by mmap (MALLOC_MMAP_THRESHOLD_=131072: a free goes straight back to the
+system). Its steps' rise above the resident memory before them (after a warm-up step, the heap trimmed) is what
+the steps hold at once, the planner's `step_peak` (gradients, activations, temporaries, the loss's buffers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 
 import torch
@@ -35,9 +41,27 @@ def measure(args, checkpointing: int) -> dict:
     from loralab.config import load_config
 
     step, device = random_row_step(load_config(None, base=run_config(args, checkpointing)))
+    if device.type == "cuda":
+        for _ in range(args.steps):
+            step(args.batch_size, args.max_length)
+        return {"peak_bytes": peak_bytes(device.type)}
+    from loralab.train.heap import release_free_heap
+
+    step(args.batch_size, args.max_length)  # warm-up: optimizer states, kernels, the weights' pages read in
+    release_free_heap()
+    before = resident_bytes()
+    load_and_warm_up = peak_bytes("cpu")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # restart the peak-RSS count (ru_maxrss reads the same counter)
     for _ in range(args.steps):
         step(args.batch_size, args.max_length)
-    return {"peak_bytes": peak_bytes(device.type)}
+    steps_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": max(load_and_warm_up, steps_peak), "step_bytes": steps_peak - before}
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:
@@ -66,15 +90,24 @@ def main() -> None:
     table = Table(title=f"planner vs measured: {args.model}, {args.dtype}, batch {args.batch_size} x "
                         f"{args.max_length} tokens, LoRA r={args.r} on {', '.join(args.targets)}, {args.device} "
                         f"({'CUDA max allocated' if args.device == 'cuda' else 'peak RSS, with the interpreter'})")
-    for column in ("gradient checkpointing", "planner GiB", "measured GiB", "planner / measured"):
+    columns = ["gradient checkpointing", "planner GiB", "measured GiB", "planner / measured"]
+    if args.device == "cpu":
+        columns += ["planned step GiB", "step holds GiB (frees returned)", "planned / held"]
+    for column in columns:
         table.add_column(column, justify="right")
     results = []
     for every in args.checkpointing:
         (predicted,) = estimate_memory(load_config(None, base=run_config(args, every)), [args.batch_size])
         measured = run_side(__file__, str(every), argv)["peak_bytes"]
-        results.append({"checkpointing": every, "predicted": predicted.total, "measured": measured})
-        table.add_row({0: "none", 1: "every layer"}.get(every, f"every {every} layers"),
-                      f"{predicted.total / 2**30:.2f}", f"{measured / 2**30:.2f}", f"{predicted.total / measured:.2f}")
+        result = {"checkpointing": every, "predicted": predicted.total, "measured": measured}
+        row = [{0: "none", 1: "every layer"}.get(every, f"every {every} layers"),
+               f"{predicted.total / 2**30:.2f}", f"{measured / 2**30:.2f}", f"{predicted.total / measured:.2f}"]
+        if args.device == "cpu":
+            held = run_side(__file__, str(every), argv, env={"MALLOC_MMAP_THRESHOLD_": "131072"})["step_bytes"]
+            result.update(predicted_step=predicted.step_peak, step_held=held)
+            row += [f"{predicted.step_peak / 2**30:.2f}", f"{held / 2**30:.2f}", f"{predicted.step_peak / held:.2f}"]
+        results.append(result)
+        table.add_row(*row)
     Console().print(table)
     print(json.dumps(results))
 

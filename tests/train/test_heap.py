@@ -50,3 +50,48 @@ def test_trims_inside_a_training_steps_forward_every_few_blocks_and_change_nothi
         model(input_ids=ids)
     model.eval()(input_ids=ids, labels=ids).loss.backward()
     assert len(calls) == 2  # not in evaluation, generation or eval-mode passes
+
+
+def test_with_checkpointing_it_also_trims_before_the_backward_pass_enters_a_block(monkeypatch):
+    import loralab.train.heap as heap
+    from loralab.train.loop import enable_checkpointing
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6).train()
+    enable_checkpointing(model, "full")
+    calls = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(torch.is_grad_enabled()) or True)
+    ids = torch.randint(3, 100, (2, 9))
+
+    def loss_and_gradients():
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        forward_calls = len(calls)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], forward_calls
+
+    plain = loss_and_gradients()
+    assert heap.trim_inside_steps(model, every=4, backward=True) == 2
+    trimmed = loss_and_gradients()
+    assert trimmed[2] == 2  # after blocks 0 and 4 in the forward pass
+    assert calls[2:] == [False, False]  # in the backward pass, as it reaches blocks 4 and 0 (before recomputing)
+    assert torch.equal(plain[0], trimmed[0]) and all(map(torch.equal, plain[1], trimmed[1]))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_training_trims_in_the_backward_pass_only_with_checkpointing(tmp_path, checkpointing):
+    from loralab.config import load_config
+    from loralab.tasks import TaskData
+    from loralab.train.loop import setup_model
+    from tiny_models import tiny_model
+
+    tiny_model("llama", num_hidden_layers=8).save_pretrained(tmp_path)
+    config = load_config(None, base={
+        "task": "sft", "model": {"path": str(tmp_path), "dtype": "fp32"}, "data": {"train": "unused.json"},
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "train": {"device": "cpu", "gradient_checkpointing": checkpointing}})
+    model, _ = setup_model(config, TaskData([], [], labels=None), torch.device("cpu"), torch.float32)
+    hooks = [hook for m in model.modules() for hook in m._forward_hooks.values()
+             if getattr(hook, "func", None) is not None and hook.func.__name__ == "_trim_after_block"]
+    assert len(hooks) == 2 and all(hook.keywords == {"backward": checkpointing} for hook in hooks)
