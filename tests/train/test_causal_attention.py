@@ -212,3 +212,24 @@ def test_models_not_on_sdpa_are_left_alone():
     model = tiny_model("llama", attn_implementation="eager")
     assert not use_chunked_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_bf16_gradients_are_computed_in_fp32_and_returned_in_bf16(monkeypatch):
+    # torch's CPU flash backward in bf16 has a fixed cost of milliseconds a call, which short chunks pay in full
+    seen = []
+    flash_backward = causal_attention.flash_backward
+    monkeypatch.setattr(causal_attention, "flash_backward",
+                        lambda *args, **kwargs: seen.append(args[1].dtype) or flash_backward(*args, **kwargs))
+    torch.manual_seed(0)
+    examples = torch.tensor([0, 150, 190, 300], dtype=torch.int32)  # one row: a chunked example and two others
+    wide = [torch.randn(1, 300, heads, 16).transpose(1, 2) for heads in (4, 2, 2)]
+    grad_out = torch.randn(1, 300, 4, 16)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [t.to(dtype).requires_grad_() for t in wide]
+        out, _ = packed_causal_attention(*inputs, examples, 0.25)
+        results.append(torch.autograd.grad(out, inputs, grad_out.to(dtype)))
+    assert set(seen) == {torch.float32}
+    for reference, narrow in zip(*results, strict=True):
+        assert narrow.dtype == torch.bfloat16
+        torch.testing.assert_close(narrow.float(), reference, atol=3e-2, rtol=3e-2)
