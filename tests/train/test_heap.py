@@ -12,8 +12,11 @@ def resident_bytes() -> int:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="malloc_trim is glibc's, /proc Linux's")
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                                 reason="malloc_trim is glibc's, /proc Linux's")
+
+
+@linux_glibc
 def test_freed_heap_pages_go_back_to_the_system():
     chunks = [torch.ones(24_000) for _ in range(4000)]  # 96 KB each: below the mmap threshold, so heap chunks
     top = torch.ones(24_000)  # allocated last, it pins the heap's top: free() alone cannot shrink the heap
@@ -52,6 +55,7 @@ def test_trims_inside_a_training_steps_forward_every_few_blocks_and_change_nothi
     assert len(calls) == 2  # not in evaluation, generation or eval-mode passes
 
 
+@linux_glibc
 def test_with_checkpointing_it_also_trims_before_the_backward_pass_enters_a_block(monkeypatch):
     import loralab.train.heap as heap
     from loralab.train.loop import enable_checkpointing
@@ -79,8 +83,10 @@ def test_with_checkpointing_it_also_trims_before_the_backward_pass_enters_a_bloc
     assert torch.equal(plain[0], trimmed[0]) and all(map(torch.equal, plain[1], trimmed[1]))
 
 
+@linux_glibc
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_cpu_training_trims_in_the_backward_pass_only_with_checkpointing(tmp_path, checkpointing):
+    import loralab.train.heap as heap
     from loralab.config import load_config
     from loralab.tasks import TaskData
     from loralab.train.loop import setup_model
@@ -93,5 +99,5 @@ def test_cpu_training_trims_in_the_backward_pass_only_with_checkpointing(tmp_pat
         "train": {"device": "cpu", "gradient_checkpointing": checkpointing}})
     model, _ = setup_model(config, TaskData([], [], labels=None), torch.device("cpu"), torch.float32)
     hooks = [hook for m in model.modules() for hook in m._forward_hooks.values()
-             if getattr(hook, "func", None) is not None and hook.func.__name__ == "_trim_after_block"]
+             if getattr(hook, "func", None) is heap._trim_after_block]
     assert len(hooks) == 2 and all(hook.keywords == {"backward": checkpointing} for hook in hooks)
