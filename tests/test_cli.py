@@ -42,6 +42,14 @@ def test_estimate_offers_checkpointing_uncompiled_when_the_run_compiles(tmp_path
     assert "as configured" in out and "(not compiled)" in out
 
 
+@pytest.mark.parametrize("name,task", [("llama", "sft"), ("bert", "classification")])
+def test_estimate_a_model_without_a_config_uses_its_own_defaults(name, task, model_dirs, capsys):
+    # the README's form: a model and settings, no config file (the demo's BERT targets would match no llama layer)
+    assert main(["estimate", "--model", str(model_dirs[name]), "data.max_length=64", "--budget", "1GiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{task}, lora, batch 8 x 64 tokens" in out and "largest batch within 1.0 GB" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans a GPU run on a machine without one")
 def test_estimate_plans_a_gpu_run_here_given_the_gpus_memory(tmp_path, model_dirs, capsys):
     config = tmp_path / "run.yaml"

@@ -10,7 +10,7 @@ import pytest
 
 from loralab.config import load_config
 from loralab.errors import LoralabError
-from loralab.estimate import estimate_memory, largest_batch_size, parse_bytes
+from loralab.estimate import Budget, estimate_memory, largest_batch_size, memory_budget, parse_bytes
 from tiny_models import tiny_model
 
 # Measures what the planner predicts: RSS before the model loads, then its peak (VmHWM, reset first) over two
@@ -121,6 +121,76 @@ def test_largest_batch_size_fits_the_budget_and_the_next_does_not(mid_llama):
     (next_one,) = estimate_memory(config, [best.batch_size + 1])
     assert next_one.total > budget
     assert largest_batch_size(config, parse_bytes("100MB")) is None
+
+
+# batch_size: auto as `train` plans it, then three optimizer steps on full rows, with glibc's heap as users have it
+# (no mmap threshold): the peak RSS of the whole process
+FIT = r"""
+import json, re, sys, torch
+from rich.console import Console
+from loralab.config import load_config
+from loralab.train.loop import setup_model, with_planned_batch
+from loralab.train.lm_loss import TrainingLoss
+from loralab.train.optim import make_optimizer
+from loralab.tasks import TaskData
+
+config = with_planned_batch(load_config(None, base=json.loads(sys.argv[1])), Console(stderr=True))
+ids = torch.randint(3, 1000, (config.train.batch_size, config.data.max_length))
+model, _ = setup_model(config, TaskData([], []), torch.device("cpu"), torch.float32)
+loss_module = TrainingLoss(model.train(), causal=True)
+optimizer = make_optimizer(model, 1e-4, 0.0)
+for _ in range(3):
+    loss_module(input_ids=ids, labels=ids).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+with open("/proc/self/status") as f:
+    print(json.dumps({"batch": config.train.batch_size,
+                      "peak": int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to measure RSS peaks")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_planned_batch_trains_within_the_budget_on_a_cpu(checkpointing, mid_llama):
+    """The budget is the process's: interpreter, libraries, tensors and the heap's kept pages. Planned to fill
+    90% of it (a GPU's share), batches peaked above it: 2.6 GiB of 2.5 without checkpointing, 1.8 of 1.5 with."""
+    settings = run_config(mid_llama, checkpointing=checkpointing, batch_size="auto")
+    settings["train"].update(global_batch=128, memory_budget="1.5GiB")
+    out = subprocess.run([sys.executable, "-c", FIT, json.dumps(settings)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 2 <= result["batch"] < 128  # the budget, not the limit, chose it
+    assert result["peak"] <= parse_bytes("1.5GiB"), result
+
+
+def test_the_default_budget_is_what_the_device_offers_now(monkeypatch):
+    import loralab.estimate as estimate
+
+    monkeypatch.setattr(estimate, "_available_ram", lambda field: 10 * 2**30)
+    monkeypatch.setattr(estimate, "_resident_bytes", lambda: 2**30)
+    cpu = memory_budget(None, "cpu")
+    assert (cpu.total, cpu.held) == (11 * 2**30, 2**30)  # RAM available, plus what this process holds
+    assert cpu.usable() == int(0.8 * 11 * 2**30) - 2**30
+    assert cpu.usable(checkpointing=True) < cpu.usable()  # recomputation churns the heap more
+    assert memory_budget("4GiB", "cpu").total == 4 * 2**30
+
+    # a GPU: its context and other processes are held outside the planner's count; this process's cache is not
+    monkeypatch.setattr(estimate.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(estimate.torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(estimate.torch.cuda, "memory_reserved", lambda device=None: 9 * 2**30)
+    gpu = memory_budget(None, "cuda")
+    assert (gpu.total, gpu.held) == (80 * 2**30, 2**30)
+    assert gpu.usable() == int(0.9 * 80 * 2**30) - 2**30
+    assert memory_budget("24GiB", "cuda").total == 24 * 2**30
+
+
+def test_a_gpu_budget_on_a_machine_without_one_must_be_given(monkeypatch):
+    import loralab.estimate as estimate
+
+    monkeypatch.setattr(estimate.torch.cuda, "is_available", lambda: False)
+    assert memory_budget("80GiB", "cuda") == Budget(80 * 2**30, 0, "cuda")
+    with pytest.raises(LoralabError, match="no GPU"):
+        memory_budget(None, "cuda")
 
 
 @pytest.mark.parametrize("curve,budget,expected", [

@@ -52,8 +52,6 @@ def cmd_targets(args) -> None:
 
 def cmd_train(args) -> None:
     """Train from a YAML config (plus key=value overrides); with no config, the embedded demo."""
-    from loralab.config import load_config
-    from loralab.demo import DEMO_CONFIG
     from loralab.train.loop import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -66,13 +64,40 @@ def cmd_train(args) -> None:
         if code:
             raise LoralabError(f"the distributed run stopped with exit code {code}", fix="see the messages above")
         return
-    config_file = args.config
-    overrides = list(args.overrides)
+    train(_load_config(args))
+
+
+def _load_config(args, model: str | None = None):
+    """The config file with its key=value overrides; with none, the embedded demo, or with `model` (estimate's
+    --model) that model's defaults. A first argument that is a setting rather than a file (`loralab train
+    lora.r=4`) is an override."""
+    from loralab.config import load_config
+    from loralab.demo import DEMO_CONFIG
+
+    config_file, overrides = args.config, [*args.overrides, *([f"model.path={model}"] if model else [])]
     if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
-        overrides.insert(0, config_file)  # `loralab train lora.r=4`: overrides of the demo
+        overrides.insert(0, config_file)
         config_file = None
-    config = load_config(config_file, overrides, base=DEMO_CONFIG if config_file is None else None)
-    train(config)
+    if config_file is not None:
+        return load_config(config_file, overrides)
+    return load_config(None, overrides, base=_settings_for_model(model) if model else DEMO_CONFIG)
+
+
+def _settings_for_model(model: str) -> dict:
+    """A model's own defaults: SFT for a causal LM, classification for an encoder, the architecture's usual LoRA
+    targets (the demo's are BERT's)."""
+    from transformers import AutoConfig
+
+    from loralab.models import resolve_model_path
+
+    try:
+        architectures = AutoConfig.from_pretrained(resolve_model_path(model)).architectures or []
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot read the model's config: {e}", file=model, field="--model",
+                           fix="point at a model folder with config.json, or a hub id") from None
+    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    return {"task": "sft" if causal else "classification", "model": {"path": model},
+            "data": {"train": "(not read by estimate)"}}
 
 
 def cmd_estimate(args) -> None:
@@ -80,18 +105,15 @@ def cmd_estimate(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from loralab.config import load_config
-    from loralab.demo import DEMO_CONFIG
-    from loralab.estimate import device_memory, largest_batch_size, parse_bytes, planner
+    from loralab.estimate import headroom, largest_batch_size, memory_budget, planner
     from loralab.models import compute_dtype, pick_device
     from loralab.train.report import human_bytes
 
-    overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
-    config = load_config(args.config, overrides, base=DEMO_CONFIG if args.config is None else None)
+    config = _load_config(args, model=args.model)
     device = pick_device(config.train.device)
     dtype_name = str(compute_dtype(config.model, device)).removeprefix("torch.") + f" on {device.type}"
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
-    budget = parse_bytes(args.budget) if args.budget else device_memory(config.train.device)
+    budget = memory_budget(args.budget, config.train.device)
     other = not config.train.gradient_checkpointing
     uncompiled = other and config.train.compile  # compiled layers cannot also be checkpointed
     variants = {"as configured": config,
@@ -102,7 +124,8 @@ def cmd_estimate(args) -> None:
     for name, variant in variants.items():
         with planner(variant) as estimate:
             estimates[name] = estimate(batch)
-            fits[name] = largest_batch_size(variant, budget, estimate=estimate)
+            fits[name] = largest_batch_size(variant, budget.usable(variant.train.gradient_checkpointing),
+                                            estimate=estimate)
     table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
                         f"x {config.data.max_length} tokens, {dtype_name}")
     table.add_column("")
@@ -114,11 +137,15 @@ def cmd_estimate(args) -> None:
             ("total", "total")]
     for label, key in rows:
         table.add_row(label, *(human_bytes(getattr(e, key)) for e in estimates.values()))
-    table.add_row(f"largest batch within {human_bytes(budget)}",
+    table.add_row(f"largest batch within {human_bytes(budget.total)}",
                   *(str(f.batch_size) if f else "none fits" for f in fits.values()))
     Console().print(table)
+    plain, checkpointed = headroom(budget.device_type), headroom(budget.device_type, checkpointing=True)
+    share = f"{plain:.0%}" + (f" ({checkpointed:.0%} with checkpointing)" if checkpointed != plain else "")
     print(f"trainable parameters: {next(iter(estimates.values())).trainable_weights // 4:,}. Not counted: the "
-          "framework itself (CUDA context or the Python process, roughly 0.3-1 GB).")
+          "framework itself (CUDA context or the Python process, roughly 0.3-1 GB). The largest batch keeps the total "
+          f"within {share} of the budget, less what is held already ({human_bytes(budget.held)}): the rest is for "
+          f"{'the allocator' if budget.device_type == 'cuda' else 'the C heap'}'s cache of freed memory.")
 
 
 def _load(args, load_adapters: bool = True):

@@ -232,13 +232,67 @@ def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estima
         return fits
 
 
-def device_memory(device: str, field: str = "--budget") -> int:
-    """What the training device offers: a GPU's total memory, or the RAM available now. A GPU that is not on this
-    machine (planning ahead on a laptop) has no memory to read: the budget must be given (`field`)."""
+@dataclass
+class Budget:
+    total: int  # what the user gave, or what the device offers this process
+    held: int  # what is held already and outside the planner's count: this interpreter and its libraries on a CPU;
+    # the CUDA context and other processes on a GPU
+    device_type: str
+
+    def usable(self, checkpointing: bool | int = False) -> int:
+        """What the planner's total may reach."""
+        return int(headroom(self.device_type, checkpointing) * self.total) - self.held
+
+
+def headroom(device_type: str, checkpointing: bool | int = False) -> float:
+    """The share of a budget the planner's total may fill (before what is held already is taken off); the rest is
+    for what the planner cannot count. On a GPU, the allocator's cached blocks between differently shaped batches.
+    On a CPU, the pages glibc's heap keeps of freed tensors under its 32 MiB mmap threshold: measured at 15-22% over
+    the planned total without checkpointing and up to 82% with it, where each block's recomputation churns the heap
+    (an 8-layer llama at 4-40 rows of 512 tokens; BENCHMARKS.md). Trimming after every block instead of every 4th
+    took 15-25% longer steps on SmolLM2, so the budget, not the heap, gives way."""
+    if device_type == "cuda":
+        return 0.9
+    return 0.6 if checkpointing else 0.8
+
+
+def memory_budget(text: str | None, device: str, field: str = "--budget") -> Budget:
+    """The memory a run may fill: `text` (e.g. 24GiB, the whole process's or GPU's share), or by default what the
+    device offers now: a GPU's total memory, or the RAM available plus what this process holds. A GPU that is not
+    on this machine (planning ahead on a laptop) has no memory to read: the budget must be given (`field`)."""
     where = pick_device(device)
     if where.type == "cuda":
         if not torch.cuda.is_available():
-            raise LoralabError(f"train.device is {device}, and this machine has no GPU whose memory could be the "
-                               "budget", field=field, fix="give the GPU's memory, e.g. 80GiB")
-        return torch.cuda.get_device_properties(where.index or 0).total_memory
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if text is None:
+                raise LoralabError(f"train.device is {device}, and this machine has no GPU whose memory could be the "
+                                   "budget", field=field, fix="give the GPU's memory, e.g. 80GiB")
+            return Budget(parse_bytes(text, field), 0, "cuda")
+        free, total = torch.cuda.mem_get_info(where)
+        # used on the device but not by this process's tensors: the context and other processes
+        held = total - free - torch.cuda.memory_reserved(where)
+        return Budget(parse_bytes(text, field) if text else total, held, where.type)
+    held = _resident_bytes()
+    return Budget(parse_bytes(text, field) if text else _available_ram(field) + held, held, where.type)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: unknown, left to the headroom
+        return 0
+
+
+def _available_ram(field: str) -> int:
+    """RAM that can be had without swapping: MemAvailable counts the page cache the kernel would drop, which the
+    free pages alone (sysconf's figure) leave out."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        raise LoralabError("this system does not say how much memory is free", field=field,
+                           fix="give the memory the run may use, e.g. 16GiB") from None

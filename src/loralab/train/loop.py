@@ -188,20 +188,21 @@ def enable_checkpointing(model, method: str, every: bool | int = True) -> None:
 def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
     """batch_size: auto -> the largest micro-batch the memory planner fits in the budget (at most global_batch),
     and the gradient accumulation that keeps global_batch examples per step."""
-    from loralab.estimate import device_memory, largest_batch_size, parse_bytes
+    from loralab.estimate import largest_batch_size, memory_budget
     from loralab.train.report import human_bytes
 
     t = config.train
-    field = "train.memory_budget"
-    budget = parse_bytes(t.memory_budget, field) if t.memory_budget else device_memory(t.device, field)
-    best = largest_batch_size(config, budget, limit=t.global_batch)
+    budget = memory_budget(t.memory_budget, t.device, "train.memory_budget")
+    usable = budget.usable(t.gradient_checkpointing)
+    best = largest_batch_size(config, usable, limit=t.global_batch)
     if best is None:
         raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
-                           f"({human_bytes(budget)})", field="train.memory_budget",
+                           f"allows ({human_bytes(max(usable, 0))} of {human_bytes(budget.total)} for tensors)",
+                           field="train.memory_budget",
                            fix="train.gradient_checkpointing=true, a lower data.max_length, or a bf16 model.dtype")
     accum = math.ceil(t.global_batch / best.batch_size)
     console.print(f"batch size auto: {best.batch_size} x {accum} accumulation steps (estimated peak "
-                  f"{human_bytes(best.total)} of {human_bytes(budget)})")
+                  f"{human_bytes(best.total)} in tensors, of {human_bytes(budget.total)})")
     return dataclasses.replace(config, train=dataclasses.replace(t, batch_size=best.batch_size, grad_accum=accum))
 
 
