@@ -98,6 +98,9 @@ peft.__version__, torch.cuda.get_device_name())"
         step sft1b_batch16 $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --batch-size 16
         step planner1b python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 --max-length 2048 \
             --checkpointing 0 1 2
+        # batch_size auto: the batch planned for a 24 GiB card's budget trains within it (reserved + CUDA context)
+        step fit1b python benchmarks/planner_accuracy.py --model /tmp/llama-1b --max-length 2048 --checkpointing 0 1 \
+            --budget 24GiB
         step profile1b python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 4 --length 200
         # the real packed rows of the SFT stages, each step of a pass timed alone, then profiled
         step profile1b_packed python benchmarks/profile_step.py --model /tmp/llama-1b --batch-size 1 --length 2048 \

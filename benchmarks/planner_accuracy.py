@@ -13,6 +13,10 @@ On CPU the peak RSS also holds what glibc's heap keeps of freed memory, so each 
 every allocation above 128 KiB served by mmap (MALLOC_MMAP_THRESHOLD_=131072: a free goes straight back to the
 system). Its steps' rise above the resident memory before them (after a warm-up step, the heap trimmed) is what
 the steps hold at once, the planner's `step_peak` (gradients, activations, temporaries, the loss's buffers).
+
+With `--budget 2GiB` it checks `train.batch_size: auto` instead: each setting plans its batch for that budget as
+`loralab train` does, then trains on full rows of it, with the memory as users have it (glibc's heap as it is; on
+a GPU the allocator's reserved memory plus the CUDA context), and reports the peak against the budget.
 """
 
 from __future__ import annotations
@@ -32,8 +36,34 @@ def run_config(args, checkpointing: int) -> dict:
     return {"task": "sft", "model": {"path": args.model, "dtype": args.dtype},
             "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
             "data": {"train": "unused.json", "max_length": args.max_length},  # rows are made up here
-            "train": {"batch_size": args.batch_size, "device": args.device,
+            "train": {"batch_size": "auto" if args.budget else args.batch_size, "device": args.device,
+                      "global_batch": 1024, "memory_budget": args.budget,
                       "gradient_checkpointing": checkpointing if checkpointing > 1 else bool(checkpointing)}}
+
+
+def measure_fit(args, checkpointing: int) -> dict:
+    """The batch `train` plans for the budget, trained on full rows: the whole process's peak."""
+    from loralab.config import load_config
+    from loralab.errors import LoralabError
+    from loralab.estimate import memory_budget
+    from loralab.train.loop import with_planned_batch
+
+    config = load_config(None, base=run_config(args, checkpointing))
+    held = memory_budget(args.budget, args.device).held  # what the planner leaves out, held before it plans
+    try:
+        config = with_planned_batch(config, Console(stderr=True))
+    except LoralabError:  # not even one row fits
+        return {"batch": 0, "peak_bytes": 0, "held": held}
+    device = torch.device(args.device)
+    outside = 0  # on a GPU: the CUDA context and other processes, held on the device outside torch's count
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        outside = total - free - torch.cuda.memory_reserved(device)
+    step, _ = random_row_step(config)
+    for _ in range(args.steps):
+        step(config.train.batch_size, args.max_length)
+    peak = torch.cuda.max_memory_reserved(device) + outside if device.type == "cuda" else peak_bytes("cpu")
+    return {"batch": config.train.batch_size, "peak_bytes": peak, "held": held}
 
 
 def measure(args, checkpointing: int) -> dict:
@@ -77,10 +107,14 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget", help="check batch_size auto: the batch planned for this budget, e.g. 2GiB")
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)  # measure one checkpointing setting
     args = parser.parse_args()
     if args.side is not None:
-        print(json.dumps(measure(args, args.side)))
+        print(json.dumps((measure_fit if args.budget else measure)(args, args.side)))
+        return
+    if args.budget:
+        fit_table(args)
         return
 
     from loralab.config import load_config
@@ -109,6 +143,37 @@ def main() -> None:
         results.append(result)
         table.add_row(*row)
     Console().print(table)
+    print(json.dumps(results))
+
+
+def fit_table(args) -> None:
+    from loralab.config import load_config
+    from loralab.estimate import estimate_memory, parse_bytes
+
+    budget = parse_bytes(args.budget)
+    table = Table(title=f"batch_size auto within {args.budget}: {args.model}, {args.dtype}, rows of "
+                        f"{args.max_length} tokens, LoRA r={args.r} on {', '.join(args.targets)}, {args.device} "
+                        f"({'reserved + CUDA context' if args.device == 'cuda' else 'peak RSS of the process'})")
+    for column in ("checkpointing", "batch", "planner GiB", "held GiB", "peak GiB", "(peak-held)/planner",
+                   "peak/budget"):
+        table.add_column(column, justify="right")
+    results = []
+    for every in args.checkpointing:
+        measured = run_side(__file__, str(every), sys.argv[1:])
+        name = {0: "none", 1: "every layer"}.get(every, f"every {every} layers")
+        if not measured["batch"]:
+            table.add_row(name, "none fits", *[""] * 5)
+            continue
+        settings = run_config(args, every)
+        settings["train"]["batch_size"] = measured["batch"]
+        (planned,) = estimate_memory(load_config(None, base=settings), [measured["batch"]])
+        peak, held = measured["peak_bytes"], measured["held"]
+        results.append({"checkpointing": every, "batch": measured["batch"], "predicted": planned.total,
+                        "held": held, "peak": peak, "budget": budget})
+        table.add_row(name, str(measured["batch"]),
+                      f"{planned.total / 2**30:.2f}", f"{held / 2**30:.2f}", f"{peak / 2**30:.2f}",
+                      f"{(peak - held) / planned.total:.2f}", f"{peak / budget:.2f}")
+    Console(width=120).print(table)
     print(json.dumps(results))
 
 

@@ -142,10 +142,11 @@ def cmd_estimate(args) -> None:
     Console().print(table)
     plain, checkpointed = headroom(budget.device_type), headroom(budget.device_type, checkpointing=True)
     share = f"{plain:.0%}" + (f" ({checkpointed:.0%} with checkpointing)" if checkpointed != plain else "")
+    held = f", less what this process holds already ({human_bytes(budget.held)})" if budget.held else ""
+    cache = "the allocator's cache and the CUDA context" if budget.device_type == "cuda" else "the C heap's cache"
     print(f"trainable parameters: {next(iter(estimates.values())).trainable_weights // 4:,}. Not counted: the "
           "framework itself (CUDA context or the Python process, roughly 0.3-1 GB). The largest batch keeps the total "
-          f"within {share} of the budget, less what is held already ({human_bytes(budget.held)}): the rest is for "
-          f"{'the allocator' if budget.device_type == 'cuda' else 'the C heap'}'s cache of freed memory.")
+          f"within {share} of the budget{held}: the rest is for {cache}.")
 
 
 def _load(args, load_adapters: bool = True):

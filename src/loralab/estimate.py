@@ -235,8 +235,7 @@ def largest_batch_size(config: RunConfig, budget: int, limit: int = 1024, estima
 @dataclass
 class Budget:
     total: int  # what the user gave, or what the device offers this process
-    held: int  # what is held already and outside the planner's count: this interpreter and its libraries on a CPU;
-    # the CUDA context and other processes on a GPU
+    held: int  # on a CPU, what this process holds already, outside the planner's count: the interpreter, libraries
     device_type: str
 
     def usable(self, checkpointing: bool | int = False) -> int:
@@ -247,32 +246,32 @@ class Budget:
 def headroom(device_type: str, checkpointing: bool | int = False) -> float:
     """The share of a budget the planner's total may fill (before what is held already is taken off); the rest is
     for what the planner cannot count. On a GPU, the allocator's cached blocks between differently shaped batches.
-    On a CPU, the pages glibc's heap keeps of freed tensors under its 32 MiB mmap threshold: measured at 15-22% over
-    the planned total without checkpointing and up to 82% with it, where each block's recomputation churns the heap
-    (an 8-layer llama at 4-40 rows of 512 tokens; BENCHMARKS.md). Trimming after every block instead of every 4th
-    took 15-25% longer steps on SmolLM2, so the budget, not the heap, gives way."""
+    On a CPU, the pages glibc's heap keeps of freed tensors between the trims of train/heap.py: the peak RSS rose
+    6-24% above the planned total without checkpointing and 8-104% with it, where the blocks recomputed between two
+    trims all leave pages behind (SmolLM2 and an 8-layer llama, 1-47 rows of 512 tokens; BENCHMARKS.md). With these
+    shares the peaks came to 50-90% of their budgets. Trimming after every block instead took 12-25% longer steps
+    on SmolLM2, so the budget gives way, not the heap."""
     if device_type == "cuda":
         return 0.9
-    return 0.6 if checkpointing else 0.8
+    return 0.5 if checkpointing else 0.75
 
 
 def memory_budget(text: str | None, device: str, field: str = "--budget") -> Budget:
     """The memory a run may fill: `text` (e.g. 24GiB, the whole process's or GPU's share), or by default what the
-    device offers now: a GPU's total memory, or the RAM available plus what this process holds. A GPU that is not
+    device offers now: a GPU's free memory, or the RAM available plus what this process holds. A GPU that is not
     on this machine (planning ahead on a laptop) has no memory to read: the budget must be given (`field`)."""
     where = pick_device(device)
     if where.type == "cuda":
-        if not torch.cuda.is_available():
-            if text is None:
-                raise LoralabError(f"train.device is {device}, and this machine has no GPU whose memory could be the "
-                                   "budget", field=field, fix="give the GPU's memory, e.g. 80GiB")
+        if text:  # the CUDA context (0.3-0.6 GB) is inside the headroom
             return Budget(parse_bytes(text, field), 0, "cuda")
-        free, total = torch.cuda.mem_get_info(where)
-        # used on the device but not by this process's tensors: the context and other processes
-        held = total - free - torch.cuda.memory_reserved(where)
-        return Budget(parse_bytes(text, field) if text else total, held, where.type)
+        if not torch.cuda.is_available():
+            raise LoralabError(f"train.device is {device}, and this machine has no GPU whose memory could be the "
+                               "budget", field=field, fix="give the GPU's memory, e.g. 80GiB")
+        # free memory already leaves out the context and other processes; this process's cache is its own
+        free, _ = torch.cuda.mem_get_info(where)
+        return Budget(free + torch.cuda.memory_reserved(where), 0, "cuda")
     held = _resident_bytes()
-    return Budget(parse_bytes(text, field) if text else _available_ram(field) + held, held, where.type)
+    return Budget(parse_bytes(text, field) if text else _available_ram(field) + held, held, "cpu")
 
 
 def _resident_bytes() -> int:

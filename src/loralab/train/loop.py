@@ -199,7 +199,8 @@ def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
         raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
                            f"allows ({human_bytes(max(usable, 0))} of {human_bytes(budget.total)} for tensors)",
                            field="train.memory_budget",
-                           fix="train.gradient_checkpointing=true, a lower data.max_length, or a bf16 model.dtype")
+                           fix=("" if t.gradient_checkpointing else "train.gradient_checkpointing=true, ") +
+                           "a lower data.max_length, a bf16 model.dtype, or a larger budget")
     accum = math.ceil(t.global_batch / best.batch_size)
     console.print(f"batch size auto: {best.batch_size} x {accum} accumulation steps (estimated peak "
                   f"{human_bytes(best.total)} in tensors, of {human_bytes(budget.total)})")
