@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -48,6 +51,17 @@ def test_estimate_a_model_without_a_config_uses_its_own_defaults(name, task, mod
     assert main(["estimate", "--model", str(model_dirs[name]), "data.max_length=64", "--budget", "1GiB"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"{task}, lora, batch 8 x 64 tokens" in out and "largest batch within 1.0 GB" in out
+
+
+def test_estimate_a_model_whose_config_names_no_architecture_goes_by_its_type(tmp_path, model_dirs, capsys):
+    # as GGUF files read: model_type llama and no architectures
+    folder = tmp_path / "llama"
+    shutil.copytree(model_dirs["llama"], folder)
+    settings = json.loads((folder / "config.json").read_text())
+    settings.pop("architectures")
+    (folder / "config.json").write_text(json.dumps(settings))
+    assert main(["estimate", "--model", str(folder), "data.max_length=64", "--budget", "1GiB"]) == 0
+    assert "sft, lora" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans a GPU run on a machine without one")

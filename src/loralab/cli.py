@@ -80,22 +80,31 @@ def _load_config(args, model: str | None = None):
         config_file = None
     if config_file is not None:
         return load_config(config_file, overrides)
-    return load_config(None, overrides, base=_settings_for_model(model) if model else DEMO_CONFIG)
+    gguf_file = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.gguf_file=")), None)
+    return load_config(None, overrides, base=_settings_for_model(model, gguf_file) if model else DEMO_CONFIG)
 
 
-def _settings_for_model(model: str) -> dict:
+def _settings_for_model(model: str, gguf_file: str | None = None) -> dict:
     """A model's own defaults: SFT for a causal LM, classification for an encoder, the architecture's usual LoRA
     targets (the demo's are BERT's)."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     from loralab.models import resolve_model_path
 
     try:
-        architectures = AutoConfig.from_pretrained(resolve_model_path(model)).architectures or []
+        config = AutoConfig.from_pretrained(resolve_model_path(model), gguf_file=gguf_file)
     except (OSError, ValueError) as e:
         raise LoralabError(f"cannot read the model's config: {e}", file=model, field="--model",
                            fix="point at a model folder with config.json, or a hub id") from None
-    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    if config.architectures:
+        causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures)
+    else:  # GGUF files name no architecture: a decoder-only model type (BERT has a causal head too, and a masked one)
+        causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                  and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     return {"task": "sft" if causal else "classification", "model": {"path": model},
             "data": {"train": "(not read by estimate)"}}
 
