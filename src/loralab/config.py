@@ -64,7 +64,7 @@ class TrainConfig:
     grad_accum: int = 1
     group_by_length: bool = True  # padded batches of similar lengths (little padding); false: a plain random order
     global_batch: int | None = None  # with batch_size auto: examples per step (grad_accum makes up the rest)
-    memory_budget: str | None = None  # with batch_size auto, e.g. 24GiB; default: the device's memory
+    memory_budget: str | None = None  # with batch_size auto: the process's (or GPU's) memory, e.g. 24GiB; default: free
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
