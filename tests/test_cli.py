@@ -50,7 +50,7 @@ def test_estimate_a_model_without_a_config_uses_its_own_defaults(name, task, mod
     # the README's form: a model and settings, no config file (the demo's BERT targets would match no llama layer)
     assert main(["estimate", "--model", str(model_dirs[name]), "data.max_length=64", "--budget", "1GiB"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"{task}, lora, batch 8 x 64 tokens" in out and "largest batch within 1.0 GB" in out
+    assert f"{task}, lora, batch 8 x 64 tokens" in out and "largest batch within 1.0 GiB" in out
 
 
 def test_estimate_a_model_whose_config_names_no_architecture_goes_by_its_type(tmp_path, model_dirs, capsys):

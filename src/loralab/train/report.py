@@ -30,11 +30,11 @@ def size_on_disk(path: Path, gguf_file: str | None = None) -> int | None:
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):  # powers of 1024, named so (budgets are given as 24GiB)
+        if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 def write_report(run_dir: Path, report: dict) -> None:
