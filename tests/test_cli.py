@@ -53,6 +53,13 @@ def test_estimate_a_model_without_a_config_uses_its_own_defaults(name, task, mod
     assert f"{task}, lora, batch 8 x 64 tokens" in out and "largest batch within 1.0 GiB" in out
 
 
+def test_estimate_plans_rows_no_longer_than_the_models_positions(model_dirs, capsys):
+    # the tiny bert has 64 positions; the default max_length (512) would crash its position table
+    positions = json.loads((model_dirs["bert"] / "config.json").read_text())["max_position_embeddings"]
+    assert main(["estimate", "--model", str(model_dirs["bert"]), "--budget", "1GiB"]) == 0
+    assert f"batch 8 x {positions} tokens" in " ".join(capsys.readouterr().out.split())
+
+
 def test_estimate_a_model_whose_config_names_no_architecture_goes_by_its_type(tmp_path, model_dirs, capsys):
     # as GGUF files read: model_type llama and no architectures
     folder = tmp_path / "llama"

@@ -136,7 +136,7 @@ def cmd_estimate(args) -> None:
             fits[name] = largest_batch_size(variant, budget.usable(variant.train.gradient_checkpointing),
                                             estimate=estimate)
     table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
-                        f"x {config.data.max_length} tokens, {dtype_name}")
+                        f"x {next(iter(estimates.values())).seq_len} tokens, {dtype_name}")
     table.add_column("")
     for name in estimates:
         table.add_column(name, justify="right")

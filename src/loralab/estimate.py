@@ -30,6 +30,7 @@ from loralab.config import RunConfig
 from loralab.errors import LoralabError
 from loralab.lora import apply_lora
 from loralab.models import AUTO_CLASSES, compute_dtype, pick_device, resolve_model_path
+from loralab.tasks.evaluation import position_limit
 from loralab.train.lm_loss import CHUNK_ELEMENTS, LinearCrossEntropy, supports_chunked_loss
 
 UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -170,7 +171,8 @@ def _step_peak(model, config: RunConfig, batch_size: int, seq_len: int) -> int:
 
 @contextlib.contextmanager
 def planner(config: RunConfig):
-    """Yields estimate(batch_size) -> MemoryEstimate for rows of data.max_length tokens (the longest batches);
+    """Yields estimate(batch_size) -> MemoryEstimate for rows of data.max_length tokens (the longest batches; no
+    longer than the model's position table, which `train` holds examples to);
     the fake model is built once."""
     # packed-sequence detection reads tensor values, which fake tensors do not have (estimates assume no packing:
     # a packed row costs what a padded one does)
@@ -183,14 +185,15 @@ def planner(config: RunConfig):
         causal = config.task in ("sft", "generate-classify")
         chunked = causal and supports_chunked_loss(model)
         vocab = model.get_output_embeddings().weight.shape[0] if causal else 0
+        seq_len = min(config.data.max_length, position_limit(model) or config.data.max_length)
 
         def estimate(batch_size: int) -> MemoryEstimate:
-            peak = _step_peak(model, config, batch_size, config.data.max_length)
+            peak = _step_peak(model, config, batch_size, seq_len)
             model.zero_grad(set_to_none=True)
-            tokens = batch_size * config.data.max_length
+            tokens = batch_size * seq_len
             # chunked: one chunk of fp32 logits and its low-precision copy; else logits, fp32 copy, log-softmax, grad
             loss = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))) * vocab * 6 if chunked else tokens * vocab * 14
-            return MemoryEstimate(batch_size, config.data.max_length, frozen, 4 * trainable,
+            return MemoryEstimate(batch_size, seq_len, frozen, 4 * trainable,
                                   trainable * ADAM_STATE_BYTES, peak, 4 * trainable, loss)
 
         yield estimate

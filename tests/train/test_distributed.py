@@ -75,6 +75,17 @@ def test_two_processes_follow_one_with_twice_the_batch_and_resume(tmp_path, mode
         assert close(adapter(copy), adapter(two), atol=1e-5), nproc
 
 
+def test_batch_size_auto_splits_the_global_batch_between_processes(tmp_path, model_dirs, capfd):
+    # each process plans its share (8 / 2) and they agree on one size: 8 examples a step, as on one process
+    auto = {"train.batch_size=auto", "train.global_batch=8", "train.memory_budget=64GiB"}
+    assert main(["train", str(config_for(tmp_path, model_dirs, "one", batch_size=4)), *auto]) == 0
+    assert main(["train", str(config_for(tmp_path, model_dirs, "two", batch_size=4)), *auto, "--nproc", "2"]) == 0
+    assert "batch size auto: 4 x 1 accumulation steps x 2 processes" in " ".join(capfd.readouterr().err.split())
+    one, two = tmp_path / "runs/one", tmp_path / "runs/two"
+    assert len(losses(one)) == len(losses(two)) == 6  # 24 examples / 8 a step x 2 epochs
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny llama (decoder blocks for FSDP to shard), no dropout anywhere."""

@@ -58,10 +58,18 @@ def barrier(world: World) -> None:
 
 
 def sum_over_ranks(world: World, values: list[float], device: torch.device) -> list[float]:
+    return _reduce(world, values, device, dist.ReduceOp.SUM)
+
+
+def min_over_ranks(world: World, values: list[float], device: torch.device) -> list[float]:
+    return _reduce(world, values, device, dist.ReduceOp.MIN)
+
+
+def _reduce(world: World, values: list[float], device: torch.device, op) -> list[float]:
     if world.size == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device if world.backend == "nccl" else "cpu")
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 

@@ -38,6 +38,7 @@ from loralab.train.distributed import (
     device_of,
     gather_objects,
     init_world,
+    min_over_ranks,
     shard,
     shard_frozen_base,
     sum_over_ranks,
@@ -185,26 +186,36 @@ def enable_checkpointing(model, method: str, every: bool | int = True) -> None:
     model.config.use_cache = False
 
 
-def with_planned_batch(config: RunConfig, console: Console) -> RunConfig:
-    """batch_size: auto -> the largest micro-batch the memory planner fits in the budget (at most global_batch),
-    and the gradient accumulation that keeps global_batch examples per step."""
+def with_planned_batch(config: RunConfig, console: Console, device: torch.device | None = None,
+                       world: World | None = None) -> RunConfig:
+    """batch_size: auto -> the largest micro-batch the memory planner fits in the budget (at most this process's
+    share of global_batch), and the gradient accumulation that keeps global_batch examples per step. Several
+    processes take the smallest of their plans: they must step alike."""
     from loralab.estimate import largest_batch_size, memory_budget
     from loralab.train.report import human_bytes
 
     t = config.train
-    budget = memory_budget(t.memory_budget, t.device, "train.memory_budget")
+    processes = world.size if world else 1
+    share = math.ceil(t.global_batch / processes)  # this process's examples per optimizer step
+    budget = memory_budget(t.memory_budget, str(device or t.device), "train.memory_budget")
     usable = budget.usable(t.gradient_checkpointing)
-    best = largest_batch_size(config, usable, limit=t.global_batch)
-    if best is None:
+    best = largest_batch_size(config, usable, limit=share)
+    batch = best.batch_size if best else 0
+    if processes > 1:
+        (smallest,) = min_over_ranks(world, [batch], device)
+        batch = int(smallest)
+    if not batch:
         raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
-                           f"allows ({human_bytes(max(usable, 0))} of {human_bytes(budget.total)} for tensors)",
+                           f"allows ({human_bytes(max(usable, 0))} of {human_bytes(budget.total)} for tensors"
+                           f"{' on one of the processes' if processes > 1 and best else ''})",
                            field="train.memory_budget",
                            fix=("" if t.gradient_checkpointing else "train.gradient_checkpointing=true, ") +
                            "a lower data.max_length, a bf16 model.dtype, or a larger budget")
-    accum = math.ceil(t.global_batch / best.batch_size)
-    console.print(f"batch size auto: {best.batch_size} x {accum} accumulation steps (estimated peak "
-                  f"{human_bytes(best.total)} in tensors, of {human_bytes(budget.total)})")
-    return dataclasses.replace(config, train=dataclasses.replace(t, batch_size=best.batch_size, grad_accum=accum))
+    accum = math.ceil(share / batch)
+    console.print(f"batch size auto: {batch} x {accum} accumulation steps"
+                  f"{f' x {processes} processes' if processes > 1 else ''} (the planner fits {best.batch_size}: "
+                  f"{human_bytes(best.total)} in tensors, of a {human_bytes(budget.total)} budget)")
+    return dataclasses.replace(config, train=dataclasses.replace(t, batch_size=batch, grad_accum=accum))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -292,7 +303,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     requested, run_dir = config, config.run_dir
     device = device_of(world, pick_device(config.train.device))
     if config.train.batch_size == "auto":
-        config = with_planned_batch(config, console)
+        config = with_planned_batch(config, console, device, world)
     torch.manual_seed(config.seed)
     dtype = compute_dtype(config.model, device)
     if device.type == "cuda":
