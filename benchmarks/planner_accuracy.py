@@ -75,6 +75,7 @@ def measure(args, checkpointing: int) -> dict:
         for _ in range(args.steps):
             step(args.batch_size, args.max_length)
         return {"peak_bytes": peak_bytes(device.type)}
+    from loralab.estimate import resident_bytes
     from loralab.train.heap import release_free_heap
 
     step(args.batch_size, args.max_length)  # warm-up: optimizer states, kernels, the weights' pages read in
@@ -87,11 +88,6 @@ def measure(args, checkpointing: int) -> dict:
         step(args.batch_size, args.max_length)
     steps_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak_bytes": max(load_and_warm_up, steps_peak), "step_bytes": steps_peak - before}
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ def test_the_default_budget_is_what_the_device_offers_now(monkeypatch):
     import loralab.estimate as estimate
 
     monkeypatch.setattr(estimate, "_available_ram", lambda field: 10 * 2**30)
-    monkeypatch.setattr(estimate, "_resident_bytes", lambda: 2**30)
+    monkeypatch.setattr(estimate, "resident_bytes", lambda: 2**30)
     cpu = memory_budget(None, "cpu")
     assert (cpu.total, cpu.held) == (11 * 2**30, 2**30)  # RAM available, plus what this process holds
     assert cpu.usable() == int(0.75 * 11 * 2**30) - 2**30
@@ -182,6 +182,23 @@ def test_the_default_budget_is_what_the_device_offers_now(monkeypatch):
     assert (gpu.total, gpu.held) == (79 * 2**30, 0)
     assert gpu.usable() == gpu.usable(checkpointing=True) == int(0.9 * 79 * 2**30)
     assert memory_budget("24GiB", "cuda").total == 24 * 2**30
+
+
+def test_a_system_that_does_not_say_its_free_memory_asks_for_a_budget(monkeypatch):
+    import loralab.estimate as estimate
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(estimate, "open", no_proc, raising=False)  # the module's open, before the builtin
+    monkeypatch.setattr(estimate.os, "sysconf", no_sysconf)
+    with pytest.raises(LoralabError, match="16GiB") as error:
+        memory_budget(None, "cpu", "train.memory_budget")
+    assert "train.memory_budget" in str(error.value)
+    assert memory_budget("4GiB", "cpu", "train.memory_budget") == Budget(4 * 2**30, 0, "cpu")
 
 
 def test_a_gpu_budget_on_a_machine_without_one_must_be_given(monkeypatch):

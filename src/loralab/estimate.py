@@ -273,11 +273,12 @@ def memory_budget(text: str | None, device: str, field: str = "--budget") -> Bud
         # free memory already leaves out the context and other processes; this process's cache is its own
         free, _ = torch.cuda.mem_get_info(where)
         return Budget(free + torch.cuda.memory_reserved(where), 0, "cuda")
-    held = _resident_bytes()
+    held = resident_bytes()
     return Budget(parse_bytes(text, field) if text else _available_ram(field) + held, held, "cpu")
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """The process's resident memory now (0 where /proc is missing)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,16 +1,11 @@
-import os
 import platform
 import sys
 
 import pytest
 import torch
 
+from loralab.estimate import resident_bytes
 from loralab.train.heap import release_free_heap
-
-
-def resident_bytes() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                  reason="malloc_trim is glibc's, /proc Linux's")

@@ -187,7 +187,7 @@ def enable_checkpointing(model, method: str, every: bool | int = True) -> None:
 
 
 def with_planned_batch(config: RunConfig, console: Console, device: torch.device | None = None,
-                       world: World | None = None) -> RunConfig:
+                       world: World = SINGLE_PROCESS) -> RunConfig:
     """batch_size: auto -> the largest micro-batch the memory planner fits in the budget (at most this process's
     share of global_batch), and the gradient accumulation that keeps global_batch examples per step. Several
     processes take the smallest of their plans: they must step alike."""
@@ -195,15 +195,13 @@ def with_planned_batch(config: RunConfig, console: Console, device: torch.device
     from loralab.train.report import human_bytes
 
     t = config.train
-    processes = world.size if world else 1
+    processes = world.size
     share = math.ceil(t.global_batch / processes)  # this process's examples per optimizer step
     budget = memory_budget(t.memory_budget, str(device or t.device), "train.memory_budget")
     usable = budget.usable(t.gradient_checkpointing)
     best = largest_batch_size(config, usable, limit=share)
-    batch = best.batch_size if best else 0
-    if processes > 1:
-        (smallest,) = min_over_ranks(world, [batch], device)
-        batch = int(smallest)
+    (smallest,) = min_over_ranks(world, [best.batch_size if best else 0], device)
+    batch = int(smallest)
     if not batch:
         raise LoralabError(f"even one example of {config.data.max_length} tokens needs more than the memory budget "
                            f"allows ({human_bytes(max(usable, 0))} of {human_bytes(budget.total)} for tensors"

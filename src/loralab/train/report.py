@@ -34,7 +34,6 @@ def human_bytes(n: int | None) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def write_report(run_dir: Path, report: dict) -> None:
