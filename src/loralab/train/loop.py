@@ -29,6 +29,7 @@ from loralab.train.causal_attention import NAME as LORALAB_ATTENTION
 from loralab.train.causal_attention import flash_kernel_runs_on, use_chunked_attention
 from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
 from loralab.train.compiled import compile_model
+from loralab.train.cuda_allocator import use_expandable_segments
 from loralab.train.distributed import (
     SINGLE_PROCESS,
     World,
@@ -287,6 +288,8 @@ def resolve_padding_free(config: RunConfig, model, device, autocast, console: Co
 
 
 def train(config: RunConfig, console: Console | None = None) -> dict:
+    if pick_device(config.train.device).type == "cuda":
+        use_expandable_segments()
     world = init_world(config.train.device)
     try:
         return _train(config, console or Console(stderr=True, quiet=not world.main), world)
