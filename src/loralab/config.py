@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -21,6 +22,32 @@ import yaml
 
 from loralab.errors import LoralabError
 from loralab.lora.config import LoraConfig
+from loralab.train.run_folder import check_run_name
+
+
+def bounded(default, low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+            fix: str):
+    """A numeric setting with its valid range, checked by check_ranges for every config however it was built."""
+    return field(default=default, metadata={"range": (low, high, low_open, high_open), "fix": fix})
+
+
+def check_ranges(config, prefix: str = "", file: str | None = None) -> None:
+    """Every number in `config` (and its sections) inside the range its field declares; NaN and inf never are."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.", file)
+            continue
+        if "range" not in f.metadata or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high, low_open, high_open = f.metadata["range"]
+        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                  and (high is None or (value < high if high_open else value <= high)))
+        if not inside:
+            span = f"{'>' if low_open else '>='} {low}" + (
+                "" if high is None else f" and {'<' if high_open else '<='} {high}")
+            raise LoralabError(f"{value!r} is out of range (must be {span})", file=file, field=f"{prefix}{f.name}",
+                               fix=f.metadata["fix"])
 
 
 @dataclass
@@ -35,12 +62,13 @@ class ModelConfig:
 class DataConfig:
     train: str = ""
     validation: str | None = None
-    validation_fraction: float = 0.0  # held out from train when no validation file is given
+    # held out from train when no validation file is given
+    validation_fraction: float = bounded(0.0, 0, 1, high_open=True, fix="use e.g. 0.1")
     format: Literal["auto", "alpaca", "messages", "text", "classification", "spans", "tokens"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column name
     template: str = "auto"  # auto | alpaca | chatml | llama2 | llama3 | chatglm3 | qwen | a Jinja string
     system: str | None = None  # default system prompt for chat templates
-    max_length: int = 512
+    max_length: int = bounded(512, 8, fix="use e.g. 512")
     train_on_prompt: bool = False
     packing: bool = False  # sft: several examples per row of max_length tokens, kept apart by position ids
     # causal tasks: each micro-batch's examples end to end in one row, kept apart as packed rows are: the same
@@ -48,7 +76,8 @@ class DataConfig:
     # keeps them apart (checked once at the start), else padded batches
     padding_free: bool | Literal["auto"] = "auto"
     labels: list[str | int] | None = None  # the label set, in order; default: sorted labels seen in training
-    limit: int | None = None  # use only the first N training records
+    # use only the first N training records
+    limit: int | None = bounded(None, 1, fix="a number of records, 1 or more; null uses them all")
     delimiter: str | None = None  # csv/tsv column separator; default from the extension
 
     def __post_init__(self):
@@ -58,33 +87,40 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1
-    max_steps: int | None = None
-    batch_size: int | Literal["auto"] = 8  # auto: the largest that fits memory_budget, up to global_batch
-    grad_accum: int = 1
+    epochs: float = bounded(1, 0, low_open=True, fix="use 1 or more")
+    max_steps: int | None = bounded(None, 1, fix="use 1 or more, or null to train train.epochs")
+    # auto: the largest that fits memory_budget, up to global_batch
+    batch_size: int | Literal["auto"] = bounded(8, 1, fix="use 1 or more, or auto")
+    grad_accum: int = bounded(1, 1, fix="use 1 or more")
     group_by_length: bool = True  # padded batches of similar lengths (little padding); false: a plain random order
-    global_batch: int | None = None  # with batch_size auto: examples per step (grad_accum makes up the rest)
+    # with batch_size auto: examples per step (grad_accum makes up the rest)
+    global_batch: int | None = bounded(None, 1, fix="use 1 or more")
     memory_budget: str | None = None  # with batch_size auto: the process's (or GPU's) memory, e.g. 24GiB; default: free
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    lr: float = bounded(2e-4, 0, low_open=True, fix="use e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
+    weight_decay: float = bounded(0.0, 0, fix="use 0 to 0.1")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup: float = 0.0  # a fraction of all steps (< 1) or a number of steps (>= 1)
-    max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool | int = False  # true: every layer recomputes; N: every N-th (less time, more memory)
+    # a fraction of all steps (< 1) or a number of steps (>= 1)
+    warmup: float = bounded(0.0, 0, fix="use 0.03 (a fraction) or 100 (steps)")
+    max_grad_norm: float | None = bounded(1.0, 0, low_open=True, fix="use e.g. 1.0, or null for no clipping")
+    # true: every layer recomputes; N: every N-th (less time, more memory)
+    gradient_checkpointing: bool | int = bounded(False, 0,
+            fix="use true (every layer), false, or N >= 1 (every N-th layer)")
     # torch.compile for training steps (fuses the small ops; the first steps compile): true compiles each transformer
     # block (seconds), model the whole body as one graph (minutes; least host work a step, for small GPU steps)
     compile: bool | Literal["model"] = False
-    eval_every: int | None = None  # optimizer steps; the run also evaluates after each epoch
-    eval_batch_size: int = 32
+    # optimizer steps; the run also evaluates after each epoch
+    eval_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
+    eval_batch_size: int = bounded(32, 1, fix="use 1 or more")
     best_metric: str = "auto"  # a metric name from the task; auto: the task's main metric
-    keep_checkpoints: int = 2
-    checkpoint_every: int | None = None  # optimizer steps; None: at each evaluation
+    keep_checkpoints: int = bounded(2, 0, fix="use 1 or more (0 keeps every checkpoint)")
+    # optimizer steps; None: at each evaluation
+    checkpoint_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
     resume: Literal["auto", "never"] = "auto"
     overwrite: bool = False
-    log_every: int = 10
+    log_every: int = bounded(10, 1, fix="use 1 or more")
     tensorboard: bool = False
     device: str = "auto"
-    max_new_tokens: int = 16  # generate-classify: the longest label generated
+    max_new_tokens: int = bounded(16, 1, fix="use 1 or more")  # generate-classify: the longest label generated
 
 
 @dataclass
@@ -93,7 +129,7 @@ class RunConfig:
     output_dir: str = "runs"
     task: Literal["sft", "classification", "tagging", "generate-classify"] = "sft"
     method: Literal["lora", "full"] = "lora"
-    seed: int = 0
+    seed: int = bounded(0, 0, fix="use 0 or more")
     # several processes (torchrun): ddp replicates the model; fsdp shards the frozen base weights across them (FSDP2)
     distributed: Literal["ddp", "fsdp"] = "ddp"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,20 +270,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 def _check_values(config: RunConfig, file: str | None) -> None:
+    check_run_name(config.name, file)
+    check_ranges(config, file=file)
     t = config.train
     for name, value, ok, fix in (
-        ("train.lr", t.lr, t.lr > 0, "use e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning"),
-        ("train.batch_size", t.batch_size, t.batch_size == "auto" or t.batch_size >= 1, "use 1 or more, or auto"),
         ("train.global_batch", t.global_batch, t.batch_size != "auto" or (t.global_batch or 0) >= 1,
          "batch_size: auto needs the examples per step, e.g. train.global_batch=32"),
-        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "use 1 or more"),
-        ("train.gradient_checkpointing", t.gradient_checkpointing, t.gradient_checkpointing >= 0,
-         "use true (every layer), false, or N >= 1 (every N-th layer)"),
-        ("train.epochs", t.epochs, t.epochs > 0, "use 1 or more"),
-        ("data.max_length", config.data.max_length, config.data.max_length >= 8, "use e.g. 512"),
-        ("data.validation_fraction", config.data.validation_fraction, 0 <= config.data.validation_fraction < 1,
-         "use e.g. 0.1"),
-        ("train.warmup", t.warmup, t.warmup >= 0, "use 0.03 (a fraction) or 100 (steps)"),
         ("distributed", config.distributed, config.distributed == "ddp" or config.method == "lora",
          "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",

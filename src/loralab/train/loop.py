@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from loralab.train.lm_loss import TrainingLoss, check_packing, scored_positions
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
 from loralab.train.rms_norm import fuse_rms_norm
+from loralab.train.run_folder import RunLock, empty_run_folder, is_run_folder, mark_run_folder, run_folder
 from loralab.train.swiglu import fuse_swiglu
 
 log = logging.getLogger("loralab")
@@ -70,9 +70,15 @@ def check_run_dir(config: RunConfig) -> bool:
     is set). Writes nothing: open_run_dir does, once the model and data have loaded, so that a run that fails to
     start (a wrong path, bad data) leaves an existing folder as it was, even with train.overwrite. The same run
     may come back with other WATCHING settings, or longer (more epochs or steps)."""
-    run_dir = config.run_dir
+    run_dir = run_folder(config.output_dir, config.name)
     saved = run_dir / "config.yaml"
-    if not run_dir.exists() or not any(run_dir.iterdir()) or config.train.overwrite:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LoralabError("the run folder's path is a file", file=str(run_dir), fix="choose another name")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return False
+    if config.train.overwrite:
+        if not is_run_folder(run_dir):  # refused now, before the model loads; open_run_dir checks again
+            empty_run_folder(run_dir)
         return False
     if not saved.is_file():
         raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
@@ -96,11 +102,13 @@ def check_run_dir(config: RunConfig) -> bool:
 
 
 def open_run_dir(config: RunConfig) -> None:
-    """The run folder as check_run_dir decided: emptied first under train.overwrite; config.yaml (re)written."""
-    if config.train.overwrite and config.run_dir.exists():
-        shutil.rmtree(config.run_dir)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, config.run_dir / "config.yaml")
+    """The run folder as check_run_dir decided: emptied first under train.overwrite (only a loralab run folder);
+    marked as a run folder; config.yaml (re)written."""
+    run_dir = run_folder(config.output_dir, config.name)
+    if config.train.overwrite:
+        empty_run_folder(run_dir)
+    mark_run_folder(run_dir)
+    save_config(config, run_dir / "config.yaml")
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -292,7 +300,9 @@ def train(config: RunConfig, console: Console | None = None) -> dict:
         use_expandable_segments()
     world = init_world(config.train.device)
     try:
-        return _train(config, console or Console(stderr=True, quiet=not world.main), world)
+        # the main process alone writes the run folder; a second run into it is refused at once
+        with RunLock(run_folder(config.output_dir, config.name)) if world.main else contextlib.nullcontext():
+            return _train(config, console or Console(stderr=True, quiet=not world.main), world)
     finally:
         close_world(world)
 
