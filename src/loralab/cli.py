@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR
+        return getattr(e, "exit_code", USER_ERROR)  # a stop by signal: 128 + its number, as shells expect
     except KeyboardInterrupt:
         print("interrupted (rerun the same command to resume a training run)", file=sys.stderr)
         return 130

@@ -115,7 +115,8 @@ class TrainConfig:
     keep_checkpoints: int = bounded(2, 0, fix="use 1 or more (0 keeps every checkpoint)")
     # optimizer steps; None: at each evaluation
     checkpoint_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
-    resume: Literal["auto", "never"] = "auto"
+    # auto: continue from the newest intact checkpoint; ignore-data-changes: even if the data files changed since
+    resume: Literal["auto", "never", "ignore-data-changes"] = "auto"
     overwrite: bool = False
     log_every: int = bounded(10, 1, fix="use 1 or more")
     tensorboard: bool = False
@@ -300,6 +301,14 @@ def _check_values(config: RunConfig, file: str | None) -> None:
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Written whole or not at all (a resumed run rewrites it)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`path` holds the old text or the new, never a part: written beside it, synced, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

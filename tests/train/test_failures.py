@@ -115,3 +115,80 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_adapter(tmp_path, 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert same(adapter(tmp_path, "cut"), adapter(tmp_path, "whole"))
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_rerun_ends_as_an_unbroken_run(tmp_path, model_dirs):
+    settings = dict(epochs=30, checkpoint_every=100000)  # no periodic checkpoint: the signal alone saves
+    assert main(["train", str(config_for(tmp_path, model_dirs, "whole", **settings))]) == 0
+    command = [sys.executable, "-m", "loralab", "train", str(config_for(tmp_path, model_dirs, "cut", **settings))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "trainable params" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    err = process.stderr.read()
+    assert process.wait() == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after step" in err and "rerun the same command to resume" in err
+    saved = list_checkpoints(tmp_path / "runs/cut/checkpoints")
+    assert len(saved) == 1 and saved[0].name in err and 0 < load_state(saved[0])["step"] < 360
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert same(adapter(tmp_path, "cut"), adapter(tmp_path, "whole"))
+
+
+def _steps(run_dir):
+    import json
+
+    return [e["step"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, model_dirs, capsys):
+    config = config_for(tmp_path, model_dirs, "r", max_steps=6, keep_checkpoints=3, log_every=1)
+    assert main(["train", str(config)]) == 0
+    folder = tmp_path / "runs/r/checkpoints"
+    assert [c.name for c in list_checkpoints(folder)] == ["step-00000002", "step-00000004", "step-00000006"]
+    weights = folder / "step-00000006" / "trainable.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = b"\xff" * 8  # a flipped tail: the file still parses, only its checksum tells
+    weights.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["train", str(config), "train.max_steps=10"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step-00000006" in err and "resuming" in err and "step-00000004" in err
+    assert _steps(tmp_path / "runs/r") == list(range(1, 11))  # steps 5-6 logged once, after the replay
+    assert load_state(list_checkpoints(folder)[-1])["step"] == 10
+
+
+def test_a_damaged_config_yaml_is_read_from_the_checkpoints(tmp_path, model_dirs, capsys):
+    config = config_for(tmp_path, model_dirs, "r", max_steps=4)
+    assert main(["train", str(config)]) == 0
+    (tmp_path / "runs/r/config.yaml").write_text("name: [unclosed\n\x00")
+    assert main(["train", str(config), "train.max_steps=6"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert main(["train", str(config), "lora.r=2"]) == USER_ERROR  # still compared with the run it was
+    assert "holds a different run" in capsys.readouterr().err
+
+
+def test_a_changed_data_file_is_refused_on_resume_unless_asked(tmp_path, model_dirs, capsys):
+    config = config_for(tmp_path, model_dirs, "r", max_steps=4)
+    assert main(["train", str(config)]) == 0
+    data = tmp_path / "train.jsonl"
+    data.write_text(data.read_text().replace("great", "superb"))
+    assert main(["train", str(config), "train.max_steps=6"]) == USER_ERROR
+    err = capsys.readouterr().err
+    assert "data file changed" in err and str(data) in err and "train.resume=ignore-data-changes" in err
+    assert main(["train", str(config), "train.max_steps=6", "train.resume=ignore-data-changes"]) == 0
+
+
+def test_disk_full_inside_torch_save_leaves_no_temporary_files_and_says_how_much_is_needed(
+        tmp_path, model_dirs, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    assert main(["train", str(config_for(tmp_path, model_dirs, "r"))]) == USER_ERROR
+    err = capsys.readouterr().err
+    assert "MiB are free there" in err and "needs about" in err and "crashed" not in err
+    assert not list((tmp_path / "runs/r/checkpoints").iterdir())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loralab.config import RunConfig, load_config, save_config, to_dict
+from loralab.config import DataConfig, RunConfig, atomic_write_text, load_config, save_config, to_dict
 from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch, to_device
 from loralab.data.records import read_records
 from loralab.errors import LoralabError
@@ -26,7 +29,7 @@ from loralab.tasks import TaskData, get_task
 from loralab.tasks.evaluation import position_limit
 from loralab.train.causal_attention import NAME as LORALAB_ATTENTION
 from loralab.train.causal_attention import flash_kernel_runs_on, use_chunked_attention
-from loralab.train.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint
+from loralab.train.checkpoint import damage, list_checkpoints, load_intact, load_state, load_weights, save_checkpoint
 from loralab.train.compiled import compile_model
 from loralab.train.cuda_allocator import use_expandable_segments
 from loralab.train.distributed import (
@@ -56,6 +59,7 @@ from loralab.train.swiglu import fuse_swiglu
 log = logging.getLogger("loralab")
 LOWER_IS_BETTER = ("loss", "perplexity")
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops
+CHECKPOINT_SECONDS = 600  # without train.checkpoint_every: the longest stretch of training a kill can lose
 
 
 # settings that change how a run is watched and saved, not what it trains: a resumed run may change them
@@ -83,7 +87,12 @@ def check_run_dir(config: RunConfig) -> bool:
     if not saved.is_file():
         raise LoralabError("the output folder exists and is not a loralab run", file=str(run_dir),
                            fix="choose another name, or train.overwrite=true to replace it")
-    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    old = saved_config(run_dir)
+    if old is None:  # config.yaml is damaged and no intact checkpoint says what the run was
+        if not list_checkpoints(run_dir / "checkpoints"):
+            return False  # nothing to resume: the run starts afresh and config.yaml is written anew
+        raise LoralabError("config.yaml is damaged and no intact checkpoint holds the run's config", file=str(saved),
+                           fix="restore config.yaml, or train.overwrite=true to start over")
     try:  # settings added since that run was saved take their defaults
         old = to_dict(load_config(saved))
     except LoralabError:
@@ -99,6 +108,21 @@ def check_run_dir(config: RunConfig) -> bool:
         raise LoralabError("the output folder already holds this run", file=str(run_dir),
                            fix="train.resume=auto to continue it, or train.overwrite=true to start over")
     return bool(list_checkpoints(run_dir / "checkpoints"))
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """The run's config as config.yaml holds it or, if that file is damaged, as its newest intact checkpoint does."""
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        if isinstance(old, dict):
+            return old
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        pass
+    for checkpoint in reversed(list_checkpoints(run_dir / "checkpoints")):
+        if damage(checkpoint) is None:
+            with contextlib.suppress(Exception):  # unreadable: try the one before
+                return load_state(checkpoint)["config"]
+    return None
 
 
 def open_run_dir(config: RunConfig) -> None:
@@ -125,6 +149,26 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, obje
 
 def _longer(old, new) -> bool:
     return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old
+
+
+def file_hashes(data: DataConfig) -> dict[str, str]:
+    """sha256 of the run's data files: a resumed run must train on the data its checkpoints saw."""
+    paths = [p for p in (data.train, data.validation) if p and Path(p).is_file()]
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """metrics.jsonl cut back to the entries up to `step` (the resumed checkpoint's), rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", step + 1) <= step:
+                kept.append(line + "\n")
+        except (ValueError, AttributeError):
+            break  # a line cut short by a kill: nothing after it was written whole
+    atomic_write_text(path, "".join(kept))
 
 
 def load_data(config: RunConfig):
@@ -372,10 +416,15 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     state = {"step": 0, "epoch": 0, "batch": 0, "examples_per_step": examples_per_step, "tokens": 0, "seconds": 0.0,
              "epoch_seconds": [],
              "evaluations": [], "best": None, "best_checkpoint": None, "skipped_steps": 0}
-    if resuming:
-        last = list_checkpoints(run_dir / "checkpoints")[-1]
-        saved = load_state(last)
-        load_weights(last, model)
+    data_sha256 = file_hashes(config.data)
+    found = load_intact(run_dir / "checkpoints", model, console.print) if resuming else None
+    if found:
+        last, saved = found
+        changed = [path for path, digest in saved.get("data_sha256", {}).items() if data_sha256.get(path) != digest]
+        if changed and t.resume != "ignore-data-changes":
+            raise LoralabError("the data file changed since this run's checkpoints were written", file=changed[0],
+                               fix="restore it, choose another name to train on the new data, train.overwrite=true "
+                                   "to start over, or train.resume=ignore-data-changes to continue anyway")
         optimizer.load_state_dict(saved.pop("optimizer"))
         scheduler.load_state_dict(saved.pop("scheduler"))
         scaler.load_state_dict(saved.pop("scaler"))
@@ -386,6 +435,9 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         state.update(saved)
         state["examples_per_step"] = examples_per_step
         console.print(f"resuming {run_dir} from {last.name}")
+    state["data_sha256"] = data_sha256
+    if world.main:  # what the steps to be replayed (or a fresh start) logged goes: they log again
+        keep_metrics_until(run_dir / "metrics.jsonl", state["step"] if found else -1)
 
     metrics_log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if world.main else None  # noqa: SIM115
     writer = _tensorboard(run_dir) if t.tensorboard and world.main else None
@@ -404,8 +456,8 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         rng = gather_objects(world, rng_state(device))  # every process's generators (dropout differs per process)
         if world.main:
             save_checkpoint(run_dir / "checkpoints", model, {
-                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng}, t.keep_checkpoints)
+                **state, "config": to_dict(requested), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}, t.keep_checkpoints)
         barrier(world)
 
     def evaluate(epoch_float: float) -> None:
@@ -437,7 +489,11 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
     bar = progress.add_task("train", total=total_steps, completed=state["step"], info="")
     model.train()
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
-    with progress:
+    # checkpoints bound the work a kill can lose: every checkpoint_every steps, or else every tenth of the run and
+    # at least every CHECKPOINT_SECONDS
+    every = t.checkpoint_every or max(1, total_steps // 10)
+    last_saved = time.monotonic()
+    with progress, StopRequests() as stop:
         while state["step"] < total_steps:
             epoch = state["epoch"]
             batches = micro_batches(data, config, epoch, world)
@@ -452,7 +508,10 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                 loss_value, tokens = train_step(trained, micro, tokenizer.pad_token_id, device, autocast, scaler,
                                                 world, causal)
                 # every process sees the same mean loss (NaN anywhere skips the step everywhere) and all tokens
-                loss_value, tokens = sum_over_ranks(world, [loss_value, tokens], device)
+                # a signal or a due checkpoint on any process: all of them act on it at this same step
+                due = t.checkpoint_every is None and time.monotonic() - last_saved >= CHECKPOINT_SECONDS
+                loss_value, tokens, stopping, due = sum_over_ranks(
+                    world, [loss_value, tokens, float(stop.signal is not None), float(due)], device)
                 loss_value, tokens = loss_value / world.size, int(tokens)
                 state["batch"] = group_index + 1
                 if not math.isfinite(loss_value):
@@ -494,8 +553,13 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
                 if (t.eval_every and state["step"] % t.eval_every == 0) or epoch_end or done:
                     evaluate(epoch_float)
                     checkpoint()
-                elif t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    last_saved = time.monotonic()
+                elif state["step"] % every == 0 or due or stopping:
                     checkpoint()
+                    last_saved = time.monotonic()
+                if stopping and not done:
+                    raise Interrupted(stop.signal or signal.SIGTERM, state["step"],
+                                      run_dir / "checkpoints" / f"step-{state['step']:08d}")
                 if done:
                     break
     if metrics_log is not None:
@@ -512,6 +576,40 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
         if world.main else {}
     barrier(world)
     return report
+
+
+class Interrupted(LoralabError):
+    """SIGINT or SIGTERM: the run stopped after a whole optimizer step, with a checkpoint of it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
+                         f"{checkpoint}", fix="rerun the same command to resume")
+
+
+class StopRequests:
+    """`with StopRequests() as stop:` — SIGINT and SIGTERM set `stop.signal` instead of killing the process, so
+    the loop ends its optimizer step and saves; a second signal acts at once, as without this."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signum, self.previous[signum] or signal.SIG_DFL)  # the second one is not caught
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # Python takes signals there alone
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler or signal.SIG_DFL)
 
 
 def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, autocast, scaler,
