@@ -53,7 +53,14 @@ from loralab.train.lm_loss import TrainingLoss, check_packing, scored_positions
 from loralab.train.optim import make_optimizer, make_scheduler
 from loralab.train.report import peak_memory_bytes, size_on_disk, write_report
 from loralab.train.rms_norm import fuse_rms_norm
-from loralab.train.run_folder import RunLock, empty_run_folder, is_run_folder, mark_run_folder, run_folder
+from loralab.train.run_folder import (
+    RunLock,
+    empty_run_folder,
+    is_run_folder,
+    mark_run_folder,
+    run_files,
+    run_folder,
+)
 from loralab.train.swiglu import fuse_swiglu
 
 log = logging.getLogger("loralab")
@@ -78,7 +85,7 @@ def check_run_dir(config: RunConfig) -> bool:
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         raise LoralabError("the run folder's path is a file", file=str(run_dir), fix="choose another name")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_files(run_dir):
         return False
     if config.train.overwrite:
         if not is_run_folder(run_dir):  # refused now, before the model loads; open_run_dir checks again

@@ -1,12 +1,13 @@
 """Where a run writes, and what may ever be deleted: a run's folder is `output_dir/name`, always strictly inside
 `output_dir`, and `train.overwrite` empties only a folder that loralab itself made for a run (it holds MARKER).
 
-A lock beside the folder (`output_dir/.name.lock`, held with flock) keeps a second process out while a run
-trains; the kernel drops it when its holder dies, so a killed run's lock is simply taken over.
+A lock inside the folder (LOCK, held with flock) keeps a second process out while a run trains; the kernel drops
+it when its holder dies, so a killed run's lock is simply taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -15,6 +16,12 @@ from pathlib import Path
 from loralab.errors import LoralabError
 
 MARKER = ".loralab-run"  # written into every run folder loralab creates
+LOCK = ".lock"
+
+
+def run_files(folder: Path) -> list[Path]:
+    """What a run folder holds, its lock aside."""
+    return [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
 
 
 def check_run_name(name: str, file: str | None = None) -> None:
@@ -54,7 +61,7 @@ def empty_run_folder(folder: Path) -> None:
         raise LoralabError("train.overwrite only replaces a folder that loralab made for a run, and this one is "
                            f"not (it has no {MARKER} file)", file=str(folder),
                            fix="choose another name, or move the folder away yourself")
-    for entry in folder.iterdir():
+    for entry in run_files(folder):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -70,11 +77,16 @@ class RunLock:
     """`with RunLock(folder):` — refuse at once if another live process trains into `folder`."""
 
     def __init__(self, folder: Path):
-        self.path = folder.parent / f".{folder.name}.lock"
+        self.folder = folder
+        self.path = folder / LOCK
         self.fd: int | None = None
+        self.made_folder = False
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise LoralabError("the run folder's path is a file", file=str(self.folder), fix="choose another name")
+        self.made_folder = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,15 +94,20 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
             os.close(fd)
             raise LoralabError(f"another loralab process (pid {holder}) is training into this run folder",
-                               file=str(self.path.parent / self.path.name[1:-5]),
-                               fix="wait for it to finish, stop it, or choose another name") from None
+                               file=str(self.folder), fix="wait for it to finish, stop it, or choose another name"
+                               ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing releases the flock; the file stays (unlinking it would race a newcomer)
-            self.fd = None
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)
+        if self.made_folder and not run_files(self.folder):  # a run that never started leaves no trace
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+        os.close(self.fd)  # releases the flock
+        self.fd = None
