@@ -23,3 +23,23 @@ def test_model_paths():
     with pytest.raises(LoralabError, match="model folder not found"):
         resolve_model_path("./no/such/folder")
     assert resolve_model_path("org/some-model") == "org/some-model"  # a hub id goes to transformers as is
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_asking_for_a_gpu_on_a_machine_without_one_is_a_clear_error(device):
+    from loralab.errors import LoralabError
+    from loralab.models import pick_device, usable_device
+
+    assert pick_device(device).type == "cuda"  # planning for one needs none
+    with pytest.raises(LoralabError, match="sees no GPU") as error:
+        usable_device(device)
+    assert error.value.field == "train.device"
+
+
+def test_a_device_name_torch_does_not_know_is_a_clear_error():
+    from loralab.errors import LoralabError
+    from loralab.models import pick_device
+
+    with pytest.raises(LoralabError, match="is not a device"):
+        pick_device("gpu0")

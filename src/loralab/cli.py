@@ -158,6 +158,25 @@ def cmd_estimate(args) -> None:
           f"within {share} of the budget{held}: the rest is for {cache}.")
 
 
+def parse_combination(spec: str, adapters: list[str]) -> tuple[list[str], list[float]]:
+    """'sql=0.7,chat=0.3' -> (['sql', 'chat'], [0.7, 0.3]), each name one of the loaded adapters."""
+    names, weights = [], []
+    for item in spec.split(","):
+        name, sep, weight = item.strip().partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or value is None or value != value:
+            raise LoralabError(f"{item!r} is not name=weight", field="--combine", fix="e.g. --combine sql=0.7,chat=0.3")
+        if name not in adapters:
+            raise LoralabError(f"no adapter is named {name!r}", field="--combine",
+                               fix=f"name one of the loaded adapters: {', '.join(adapters) or 'none (add --adapter)'}")
+        names.append(name)
+        weights.append(value)
+    return names, weights
+
+
 def _load(args, load_adapters: bool = True):
     from loralab.infer.load import load_for_inference, parse_adapters
     from loralab.lora import set_active_adapters
@@ -168,9 +187,8 @@ def _load(args, load_adapters: bool = True):
                                 device=args.device, trust_remote_code=args.trust_remote_code,
                                 load_adapters=load_adapters and not getattr(args, "no_adapter", False))
     if getattr(args, "combine", None):
-        names, weights = zip(*(item.split("=") for item in args.combine.split(",")), strict=True)
-        add_weighted_adapter(loaded.model, list(names), [float(w) for w in weights], "combined",
-                             args.combination)
+        names, weights = parse_combination(args.combine, list(adapters))
+        add_weighted_adapter(loaded.model, names, weights, "combined", args.combination)
     elif getattr(args, "use", None):
         set_active_adapters(loaded.model, args.use)
     return loaded

@@ -52,7 +52,25 @@ def resolve_model_path(path: str) -> str:
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LoralabError(f"{device!r} is not a device", field="train.device",
+                           fix="use auto, cpu, cuda or cuda:N") from None
+    return chosen
+
+
+def usable_device(device: str) -> torch.device:
+    """pick_device, for work that runs on it now: a GPU this machine does not have is an error here (planning for
+    one, `loralab estimate`, needs none)."""
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise LoralabError("CUDA was asked for but this machine's torch sees no GPU", field="train.device",
+                           fix="train.device=cpu (or auto), or install a CUDA build of torch")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise LoralabError(f"there is no GPU {chosen.index} (this machine has {torch.cuda.device_count()})",
+                           field="train.device", fix="use cuda:0 up to the last one, or auto")
+    return chosen
 
 
 def compute_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:

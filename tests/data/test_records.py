@@ -92,9 +92,23 @@ def test_span_and_token_checks(tmp_path):
         {"text": "Paris is nice", "spans": [[0, 5, "LOC"]]},
         {"text": "Paris", "spans": [[0, 9, "LOC"]]},
         {"text": "Paris is nice", "spans": [[0, 5, "LOC"], [3, 8, "X"]]},
-        {"tokens": ["a", "b"], "tags": ["O"]}]))
-    ok, outside, overlap, tokens = read_records(path)
+        {"tokens": ["a", "b"], "tags": ["O"]},
+        {"text": "Paris is nice", "spans": [[5, 0, "LOC"]]}]))
+    ok, outside, overlap, tokens, reversed_span = read_records(path)
+    assert "not after its start 5" in str(error_of(to_spans, reversed_span))
     assert to_spans(ok) == ("Paris is nice", [(0, 5, "LOC")])
     assert "outside the text" in str(error_of(to_spans, outside)) and error_of(to_spans, outside).field == "spans[0]"
     assert "overlap" in str(error_of(to_spans, overlap))
     assert "2 tokens but 1 tags" in str(error_of(to_tokens, tokens))
+
+
+def test_folders_broken_links_other_encodings_and_damaged_parquet_are_named_as_such(tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    (tmp_path / "gbk.csv").write_bytes("text,label\n很好,1\n".encode("gbk"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    for name, message in (("folder.jsonl", "a folder, not a data file"), ("loop.jsonl", "broken, or a loop"),
+                          ("gbk.csv", "not UTF-8"), ("bad.parquet", "not a readable parquet file")):
+        with pytest.raises(LoralabError, match=message) as error:
+            read_records(tmp_path / name)
+        assert error.value.file == str(tmp_path / name)

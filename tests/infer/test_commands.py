@@ -130,7 +130,7 @@ def test_several_adapters_on_one_base(trained, model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other_base", "empty_prompts", "unknown_name", "no_tokenizer", "no_adapter_dir",
-                                  "answer_past_positions"])
+                                  "answer_past_positions", "bad_weight", "unknown_combined", "damaged_settings"])
 def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     model, adapter, extra = str(model_dirs["llama"]), str(trained["sft"]), []
@@ -155,6 +155,17 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
         prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "hi " * 3000}])
         extra = ["--max-new-tokens", "16"]
         expected = "p.jsonl:2: this prompt is"
+    elif case in ("bad_weight", "unknown_combined"):
+        extra = ["--combine", "default=abc" if case == "bad_weight" else "default=0.5,other=0.5"]
+        expected = "'default=abc' is not name=weight" if case == "bad_weight" else "no adapter is named 'other'"
+    elif case == "damaged_settings":
+        adapter = str(tmp_path / "damaged")
+        (tmp_path / "damaged").mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "tokenizer.json"):
+            if (trained["sft"] / f).is_file():
+                (tmp_path / "damaged" / f).write_bytes((trained["sft"] / f).read_bytes())
+        (tmp_path / "damaged" / "loralab.json").write_text('{"task": "sft", ')
+        expected = "damaged/loralab.json: cannot read the adapter's inference settings"
     else:
         adapter = str(tmp_path / "missing")
         expected = "adapter folder not found"

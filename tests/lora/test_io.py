@@ -210,3 +210,15 @@ def test_disk_full_while_saving_an_adapter_keeps_the_previous_one(tmp_path, monk
         save_adapter(trained_loralab_model("llama", dict(r=2)), tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary file left
+
+
+def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    model = apply_lora(tiny_model("bert"), LoraConfig(r=4, target_modules=["query", "value"]))
+    save_adapter(model, tmp_path)
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("nan")
+    save_file(weights, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(LoralabError, match="1 of .* values are NaN or infinite") as error:
+        load_adapter(tiny_model("bert"), tmp_path)
+    assert error.value.field == key and "earlier checkpoint" in error.value.fix

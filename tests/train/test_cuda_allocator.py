@@ -49,6 +49,7 @@ def test_train_sets_the_allocator_before_anything_else_for_a_gpu_run_only(monkey
     seen = []
     monkeypatch.setattr(loop, "use_expandable_segments", lambda: seen.append(device))
     monkeypatch.setattr(loop, "init_world", init_world)
+    monkeypatch.setattr(loop, "usable_device", loop.pick_device)  # no GPU needed to see the order
     with pytest.raises(Started):
         loop.train(SimpleNamespace(train=SimpleNamespace(device=device)))
     assert len(seen) == turned_on

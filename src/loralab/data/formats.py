@@ -87,6 +87,9 @@ def to_spans(record: Record) -> tuple[str, list[tuple[int, int, str]]]:
         if not (isinstance(span, (list, tuple)) and len(span) == 3 and all(isinstance(x, int) for x in span[:2])):
             raise record.error("a span must be [start, end, label] with integer offsets", where)
         start, end, label = span
+        if start >= end:
+            raise record.error(f"the span ends at {end}, not after its start {start}", where,
+                               fix="write spans as [start, end, label] with start < end (end exclusive)")
         if not 0 <= start < end <= len(text):
             raise record.error(f"offsets [{start}, {end}) fall outside the text (length {len(text)})", where,
                                fix="character offsets, end exclusive")

@@ -44,6 +44,12 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None, delimi
     """Read `path` into records; `columns` maps our field names to the file's column names."""
     path = Path(path)
     file = str(path)
+    if path.is_dir():
+        raise LoralabError("this is a folder, not a data file", file=file,
+                           fix="point data.train / data.validation at a .json, .jsonl, .csv, .tsv or .parquet file")
+    if path.is_symlink() and not path.exists():
+        raise LoralabError("a symbolic link that leads nowhere (broken, or a loop)", file=file,
+                           fix="point at the file itself")
     if not path.is_file():
         raise LoralabError("data file not found", file=file, fix="check data.train / data.validation")
     suffix = path.suffix.lower()
@@ -109,6 +115,15 @@ def _read_table(path: Path, suffix: str, delimiter: str | None) -> list[tuple[di
             table = datasets.load_dataset("csv", data_files=str(path), split="train", sep=sep,
                                           quoting=3 if sep == "\t" else 0, keep_default_na=False)
     except Exception as e:  # pandas/arrow errors carry the detail; name the file
+        causes = [e]
+        while causes[-1].__cause__ or causes[-1].__context__:
+            causes.append(causes[-1].__cause__ or causes[-1].__context__)
+        if any(isinstance(c, UnicodeDecodeError) for c in causes):
+            raise LoralabError("the file is not UTF-8 text", file=str(path),
+                               fix="re-save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
+        if suffix == ".parquet":
+            raise LoralabError(f"not a readable parquet file: {e}", file=str(path),
+                               fix="write it again (e.g. pandas' to_parquet), or export it as csv/jsonl") from None
         raise LoralabError(f"cannot read the table: {e}", file=str(path),
                            fix="check the delimiter and quoting") from None
     offset = 1 if suffix == ".parquet" else 2  # csv: line 1 is the header

@@ -18,7 +18,7 @@ from loralab.config import ModelConfig
 from loralab.errors import LoralabError
 from loralab.infer.settings import InferenceSettings, read_inference_settings
 from loralab.lora import load_adapter, set_active_adapters
-from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, pick_device, resolve_model_path
+from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, resolve_model_path, usable_device
 
 
 @dataclass
@@ -79,7 +79,7 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     tokenizer_config = ModelConfig(path=tokenizer_source, gguf_file=None if tokenizer_source == first else gguf_file,
                                    trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_config, padding_side="left")
-    device_ = pick_device(device)
+    device_ = usable_device(device)
     dtype_ = compute_dtype(config, device_)
     kwargs = {}
     if settings.task in ("classification", "tagging"):

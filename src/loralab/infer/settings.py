@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loralab.errors import LoralabError
+
 SETTINGS_NAME = "loralab.json"
 TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "tagging", "CAUSAL_LM": "sft"}
 
@@ -37,7 +39,12 @@ def read_inference_settings(folder: str | Path | None) -> InferenceSettings | No
         return None
     path = Path(folder) / SETTINGS_NAME
     if path.is_file():
-        return InferenceSettings(**json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return InferenceSettings(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as e:  # damaged JSON, or keys this version does not know
+            raise LoralabError(f"cannot read the adapter's inference settings ({e})", file=str(path),
+                               fix="restore the file from the run's adapter/ folder, or delete it to fall back "
+                                   "on adapter_config.json") from None
     config = Path(folder) / "adapter_config.json"
     if config.is_file():
         task_type = json.loads(config.read_text(encoding="utf-8")).get("task_type")

@@ -270,6 +270,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                            f"{raw.get('base_model_name_or_path')})", file=str(path / CONFIG_NAME),
                            field="target_modules", fix=e.fix) from None
     _check_layout(file_keys, required, optional, weights_file, raw.get("base_model_name_or_path"))
+    _check_finite(weights_file)
 
     apply_lora(model, config, adapter_name)
     tensors = dict(model.named_parameters())
@@ -292,6 +293,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _check_finite(weights_file: Path) -> None:
+    """NaN or inf weights (a diverged run saved anyway, a damaged file) would make every output NaN: refused."""
+    with safe_open(str(weights_file), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise LoralabError(f"{bad} of {tensor.numel()} values are NaN or infinite", file=str(weights_file),
+                                   field=key, fix="the run that wrote it diverged or the file is damaged: use an "
+                                                  "earlier checkpoint or retrain (e.g. with a lower train.lr)")
 
 
 def _file_key(key: str) -> str:

@@ -24,7 +24,7 @@ from loralab.data.records import read_records
 from loralab.errors import LoralabError
 from loralab.infer.settings import save_inference_settings
 from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter, trainable_parameters_report
-from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path
+from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path, usable_device
 from loralab.tasks import TaskData, get_task
 from loralab.tasks.evaluation import position_limit
 from loralab.train.causal_attention import NAME as LORALAB_ATTENTION
@@ -347,7 +347,7 @@ def resolve_padding_free(config: RunConfig, model, device, autocast, console: Co
 
 
 def train(config: RunConfig, console: Console | None = None) -> dict:
-    if pick_device(config.train.device).type == "cuda":
+    if usable_device(config.train.device).type == "cuda":
         use_expandable_segments()
     world = init_world(config.train.device)
     try:
