@@ -130,7 +130,8 @@ def test_several_adapters_on_one_base(trained, model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other_base", "empty_prompts", "unknown_name", "no_tokenizer", "no_adapter_dir",
-                                  "answer_past_positions", "bad_weight", "unknown_combined", "damaged_settings"])
+                                  "answer_past_positions", "bad_weight", "unknown_combined", "damaged_settings",
+                                  "output_is_a_folder", "template_error"])
 def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     model, adapter, extra = str(model_dirs["llama"]), str(trained["sft"]), []
@@ -158,6 +159,12 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
     elif case in ("bad_weight", "unknown_combined"):
         extra = ["--combine", "default=abc" if case == "bad_weight" else "default=0.5,other=0.5"]
         expected = "'default=abc' is not name=weight" if case == "bad_weight" else "no adapter is named 'other'"
+    elif case == "output_is_a_folder":
+        (tmp_path / "o.jsonl").mkdir()
+        expected = "o.jsonl: field '--output': the output path is a folder"
+    elif case == "template_error":
+        extra = ["--template", "{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}"]
+        expected = "the chat template fails"
     elif case == "damaged_settings":
         adapter = str(tmp_path / "damaged")
         (tmp_path / "damaged").mkdir()
@@ -173,7 +180,7 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
                  "--output", str(tmp_path / "o.jsonl"), *extra])
     err = capsys.readouterr().err
     assert code == USER_ERROR and expected in err and "Traceback" not in err
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl").is_file()
 
 
 def test_no_chat_template_anywhere_is_a_clear_error():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import jinja2
+
 from loralab.errors import LoralabError
 
 log = logging.getLogger("loralab")
@@ -79,8 +81,14 @@ def resolve_template(tokenizer, template: str) -> str:
 
 
 def render(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:  # a syntax error, an undefined name, or what the sandbox forbids
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise LoralabError(f"the chat template fails{line}: {e.message or e}", field="data.template",
+                           fix="fix the Jinja template, or use a built-in one: auto, "
+                               f"{', '.join(BUILTIN_TEMPLATES)}") from None
 
 
 def chat_segments(tokenizer, template: str, turns: list[dict]) -> list[tuple[str, bool]]:

@@ -68,6 +68,7 @@ def generate_file(loaded: Loaded, input_path: str, output_path: str, batch_size:
                   top_p: float = 0.9, max_new_tokens: int = 256, template: str | None = None,
                   system: str | None = None) -> int:
     """Answer every prompt of `input_path` into `output_path` (jsonl: the record's fields plus "output")."""
+    check_output_file(Path(output_path))
     records = read_records(input_path)
     jinja = chat_template(loaded, template)
     system = system or loaded.settings.system
@@ -94,15 +95,28 @@ def generate_file(loaded: Loaded, input_path: str, output_path: str, batch_size:
     return len(rows)
 
 
+def check_output_file(path: Path) -> None:
+    """Refused before any work: an output path that is a folder (the answers could not be written there)."""
+    if path.is_dir():
+        raise LoralabError("the output path is a folder", file=str(path), field="--output",
+                           fix="give a file name, e.g. --output answers.jsonl")
+
+
 def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LoralabError(f"cannot write the output ({e.strerror or e})", file=str(path), field="--output",
+                           fix="check the folder exists and is writable, and that the disk has space") from None
 
 
 class _Streamer(TextStreamer):

@@ -8,7 +8,7 @@ from loralab.config import DataConfig, RunConfig, TrainConfig
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt
 from loralab.errors import LoralabError
-from loralab.infer.generate import prompt_turns, write_jsonl_atomically
+from loralab.infer.generate import check_output_file, prompt_turns, write_jsonl_atomically
 from loralab.infer.load import Loaded
 from loralab.tasks import get_task
 from loralab.tasks.evaluation import batches, generate
@@ -36,6 +36,7 @@ def evaluate_file(loaded: Loaded, path: str, columns: dict | None = None, batch_
 
 def predict_file(loaded: Loaded, path: str, output: str, columns: dict | None = None, batch_size: int = 32) -> int:
     """Write each record with a "prediction": a label, tags per word, spans, or generated text."""
+    check_output_file(Path(output))
     config = run_config(loaded, path, columns, batch_size)
     records = read_records(path, config.data.columns)
     task = config.task
