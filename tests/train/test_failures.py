@@ -192,3 +192,15 @@ def test_disk_full_inside_torch_save_leaves_no_temporary_files_and_says_how_much
     err = capsys.readouterr().err
     assert "MiB are free there" in err and "needs about" in err and "crashed" not in err
     assert not list((tmp_path / "runs/r/checkpoints").iterdir())
+
+
+def test_the_first_sigint_is_a_request_to_stop_and_the_second_acts_at_once():
+    with loop.StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT  # noted, no KeyboardInterrupt: the loop ends its step and saves
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second SIGINT was swallowed")
+        except KeyboardInterrupt:
+            pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
