@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_adapter(tmp_path, 
 
 
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_rerun_ends_as_an_unbroken_run(tmp_path, model_dirs):
-    settings = dict(epochs=30, checkpoint_every=100000)  # no periodic checkpoint: the signal alone saves
+    settings = dict(epochs=30, checkpoint_every=100000)  # between epoch ends, the signal alone saves
     assert main(["train", str(config_for(tmp_path, model_dirs, "whole", **settings))]) == 0
     command = [sys.executable, "-m", "loralab", "train", str(config_for(tmp_path, model_dirs, "cut", **settings))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -131,8 +132,9 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_the_rerun_ends_as_an_u
     err = process.stderr.read()
     assert process.wait() == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM after step" in err and "rerun the same command to resume" in err
-    saved = list_checkpoints(tmp_path / "runs/cut/checkpoints")
-    assert len(saved) == 1 and saved[0].name in err and 0 < load_state(saved[0])["step"] < 360
+    newest = list_checkpoints(tmp_path / "runs/cut/checkpoints")[-1]  # (epoch ends checkpoint too)
+    step = int(re.search(r"after step (\d+)", err).group(1))
+    assert newest.name in err and load_state(newest)["step"] == step and 0 < step < 360
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert same(adapter(tmp_path, "cut"), adapter(tmp_path, "whole"))
