@@ -306,9 +306,12 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """`path` holds the old text or the new, never a part: written beside it, synced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already once renamed; a failed write leaves nothing behind

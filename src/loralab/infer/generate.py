@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 from transformers import TextStreamer
 
+from loralab.config import atomic_write_text
 from loralab.data.formats import ROLES
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt, resolve_template
@@ -105,16 +105,9 @@ def check_output_file(path: Path) -> None:
 def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LoralabError(f"cannot write the output ({e.strerror or e})", file=str(path), field="--output",
                            fix="check the folder exists and is writable, and that the disk has space") from None
 

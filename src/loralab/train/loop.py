@@ -83,8 +83,6 @@ def check_run_dir(config: RunConfig) -> bool:
     may come back with other WATCHING settings, or longer (more epochs or steps)."""
     run_dir = run_folder(config.output_dir, config.name)
     saved = run_dir / "config.yaml"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LoralabError("the run folder's path is a file", file=str(run_dir), fix="choose another name")
     if not run_files(run_dir):
         return False
     if config.train.overwrite:
