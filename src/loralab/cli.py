@@ -179,7 +179,6 @@ def parse_combination(spec: str, adapters: list[str]) -> tuple[list[str], list[f
 
 def _load(args, load_adapters: bool = True):
     from loralab.infer.load import load_for_inference, parse_adapters
-    from loralab.lora import set_active_adapters
     from loralab.lora.combine import add_weighted_adapter
 
     adapters = parse_adapters(args.adapter)
@@ -190,7 +189,7 @@ def _load(args, load_adapters: bool = True):
         names, weights = parse_combination(args.combine, list(adapters))
         add_weighted_adapter(loaded.model, names, weights, "combined", args.combination)
     elif getattr(args, "use", None):
-        set_active_adapters(loaded.model, args.use)
+        loaded.use(args.use)
     return loaded
 
 

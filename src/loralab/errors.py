@@ -38,3 +38,18 @@ class LoralabError(Exception):
         if self.fix:
             text += f" (fix: {self.fix})"
         return text
+
+
+def did_you_mean(name: str, choices, what: str = "one of") -> str:
+    """A fix hint for a mistyped name: the closest choice if one is close, else the list of choices.
+
+    Example:
+        raise LoralabError(f"unknown adapter {name!r}", fix=did_you_mean(name, adapters))
+    """
+    import difflib
+
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"use {what} {', '.join(choices)}" if choices else "there is nothing to choose from"

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import loralab.infer.generate as generate_module
 from loralab.cli import USER_ERROR, main
+from loralab.errors import LoralabError
 from loralab.infer.load import load_for_inference
 from run_helpers import SENTIMENT, write_config, write_jsonl
 
@@ -18,11 +19,14 @@ QA = [{"instruction": "What is the capital of France?", "input": "", "output": "
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_dirs):
-    """An sft adapter that has memorised two answers, a classifier, a tagger and a generate-classifier."""
+    """An sft adapter that has memorised two answers, a 2-class and a 3-class classifier on the same base, a tagger
+    and a generate-classifier."""
     root = tmp_path_factory.mktemp("trained")
     runs = {}
     sft = write_jsonl(root / "qa.jsonl", QA * 4)
     cls = write_jsonl(root / "cls.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 4])
+    topics = [("paris london rome", "city"), ("red blue green", "colour"), ("cat dog cow", "animal")]
+    cls3 = write_jsonl(root / "cls3.jsonl", [{"text": t, "label": lab} for t, lab in topics * 6])
     tags = write_jsonl(root / "tags.jsonl", [{"tokens": ["Paris", "is", "nice"], "tags": ["B-LOC", "O", "O"]},
                                              {"tokens": ["hello", "world"], "tags": ["O", "O"]}] * 6)
     specs = {
@@ -31,6 +35,8 @@ def trained(tmp_path_factory, model_dirs):
                     train={"epochs": 40, "batch_size": 4, "lr": 2e-2, "schedule": "constant"}),
         "cls": dict(task="classification", model={"path": str(model_dirs["bert"])}, data={"train": str(cls)},
                     train={"epochs": 8, "batch_size": 8, "lr": 1e-2}),
+        "cls3": dict(task="classification", model={"path": str(model_dirs["bert"])}, data={"train": str(cls3)},
+                     train={"epochs": 8, "batch_size": 6, "lr": 1e-2}),
         "tag": dict(task="tagging", model={"path": str(model_dirs["bert"])}, lora={"target_modules": "all-linear"},
                     data={"train": str(tags)}, train={"epochs": 20, "batch_size": 4, "lr": 1e-2}),
         "gc": dict(task="generate-classify", model={"path": str(model_dirs["bloom"])},
@@ -41,7 +47,7 @@ def trained(tmp_path_factory, model_dirs):
         config = write_config(root / f"{name}.yaml", name=name, output_dir=str(root / "runs"), **spec)
         assert main(["train", str(config)]) == 0
         runs[name] = root / "runs" / name / "adapter"
-    runs.update(root=root, cls_data=cls, tag_data=tags)
+    runs.update(root=root, cls_data=cls, cls3_data=cls3, tag_data=tags)
     return runs
 
 
@@ -129,6 +135,35 @@ def test_several_adapters_on_one_base(trained, model_dirs, tmp_path):
         assert json.loads((tmp_path / "o.jsonl").read_text())["output"] == "Paris is the capital."
 
 
+def test_classifiers_with_different_label_counts_share_one_base(trained, model_dirs, tmp_path):
+    # each adapter brings its own head: switching adapters switches the labels, and every prediction is the one
+    # the adapter gives when loaded alone
+    both = load_for_inference(str(model_dirs["bert"]), {"sentiment": str(trained["cls"]), "topic": str(trained["cls3"])})
+    alone = {name: load_for_inference(str(model_dirs["bert"]), {name: str(trained[key])})
+             for name, key in (("sentiment", "cls"), ("topic", "cls3"))}
+    inputs = {k: v for k, v in both.tokenizer(["good great", "red blue"], return_tensors="pt", padding=True).items()
+              if k != "token_type_ids"}
+    for name, n_labels in (("topic", 3), ("sentiment", 2), ("topic", 3)):
+        both.use(name)
+        with torch.no_grad():
+            logits = both.model(**inputs).logits
+            expected = alone[name].model(**inputs).logits
+        assert logits.shape == (2, n_labels) and both.model.config.num_labels == n_labels
+        torch.testing.assert_close(logits, expected)
+        assert both.settings.labels == alone[name].settings.labels
+    with pytest.raises(LoralabError, match="did you mean 'topic'"):
+        both.use("topci")
+    common = ["--model", str(model_dirs["bert"]), "--adapter", f"sentiment={trained['cls']}",
+              "--adapter", f"topic={trained['cls3']}"]
+    for use, data in (("topic", trained["cls3_data"]), ("sentiment", trained["cls_data"])):
+        out = tmp_path / f"{use}.jsonl"
+        assert main(["predict", *common, "--use", use, "--data", str(data), "--output", str(out)]) == 0
+        assert all(r["prediction"] == r["label"] for r in map(json.loads, out.open()))
+    mixed = ["--adapter", f"sentiment={trained['cls']}", "--adapter", f"tags={trained['tag']}"]
+    assert main(["predict", "--model", str(model_dirs["bert"]), *mixed, "--data", str(trained["cls_data"]),
+                 "--output", str(tmp_path / "x.jsonl")]) == USER_ERROR
+
+
 @pytest.mark.parametrize("case", ["other_base", "empty_prompts", "unknown_name", "no_tokenizer", "no_adapter_dir",
                                   "answer_past_positions", "bad_weight", "unknown_combined", "damaged_settings",
                                   "output_is_a_folder", "template_error"])
@@ -143,7 +178,7 @@ def test_bad_inference_inputs(trained, model_dirs, tmp_path, capsys, case):
         expected = "the data file is empty"
     elif case == "unknown_name":
         extra = ["--use", "nope"]
-        expected = "unknown adapter 'nope'"
+        expected = "no adapter is named 'nope'"
     elif case == "no_tokenizer":
         bare = tmp_path / "bare"
         AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).save_pretrained(bare)

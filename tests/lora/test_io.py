@@ -87,6 +87,26 @@ def test_several_named_adapters_on_one_base(tmp_path):
     assert set(saved) == set(load_file(tmp_path / "b" / WEIGHTS_NAME))
 
 
+def test_classification_adapters_with_own_heads_and_label_counts_on_one_base(tmp_path):
+    three = trained_loralab_model("bert", dict(r=4, modules_to_save=["classifier"]))
+    five = tiny_model("bert")  # the same base weights; a 5-class head
+    five.classifier = torch.nn.Linear(five.config.hidden_size, 5)
+    five.config.num_labels = five.num_labels = 5
+    apply_lora(five, LoraConfig(r=2, modules_to_save=["classifier"]))
+    randomize_adapters(five, seed=3)
+    save_adapter(three, tmp_path / "three")
+    save_adapter(five.eval(), tmp_path / "five")
+    both = load_adapter(tiny_model("bert"), tmp_path / "three", adapter_name="three")
+    load_adapter(both, tmp_path / "five", adapter_name="five")
+    inputs = sample_inputs(both)
+    for name, alone in (("five", five), ("three", three), ("five", five)):
+        set_active_adapters(both, name)
+        assert torch.equal(logits(both, inputs), logits(alone, inputs))
+    with pytest.raises(LoralabError, match="wrong shape"):  # other widths than the label count stay refused
+        wide = tiny_model("bert", hidden_size=48, intermediate_size=64)
+        load_adapter(wide, tmp_path / "five")
+
+
 def test_saved_files_are_what_peft_writes(tmp_path):
     save_adapter(trained_loralab_model("bert", dict(r=4, modules_to_save=["classifier"])), tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())

@@ -1,7 +1,10 @@
 """Load a base model with zero or more named adapters, ready for inference.
 
     loaded = load_for_inference("path/to/base", {"sql": "runs/sql/adapter", "chat": "runs/chat/adapter"})
-    set_active_adapters(loaded.model, "chat")
+    loaded.use("chat")
+
+Classification and tagging adapters each bring their own head (and label count), so `use` also switches the
+labels the model predicts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loralab.config import ModelConfig
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.infer.settings import InferenceSettings, read_inference_settings
 from loralab.lora import load_adapter, set_active_adapters
 from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, resolve_model_path, usable_device
@@ -29,6 +32,20 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     adapters: list[str] = field(default_factory=list)
+    adapter_settings: dict[str, InferenceSettings] = field(default_factory=dict)
+
+    def use(self, name: str) -> None:
+        """Make adapter `name` the active one, with its own task settings and labels."""
+        if name not in self.adapters:
+            raise LoralabError(f"no adapter is named {name!r}", field="--use", fix=did_you_mean(name, self.adapters))
+        set_active_adapters(self.model, name)
+        self.settings = self.adapter_settings[name]
+        if self.settings.labels and self.settings.task in ("classification", "tagging"):
+            labels = self.settings.labels
+            self.model.num_labels = len(labels)  # HF's classification losses read it
+            self.model.config.num_labels = len(labels)
+            self.model.config.id2label = dict(enumerate(labels))
+            self.model.config.label2id = {label: i for i, label in enumerate(labels)}
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -71,8 +88,14 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
         if not Path(path).is_dir():
             raise LoralabError("adapter folder not found", file=path, field=f"adapter {name}",
                                fix="point at the adapter/ folder of a run")
+    all_settings = {name: _settings(path) for name, path in adapters.items()}
     first = next(iter(adapters.values()), None)
-    settings = read_inference_settings(first) or InferenceSettings()
+    settings = next(iter(all_settings.values()), None) or InferenceSettings()
+    tasks = {name: s.task for name, s in all_settings.items()}
+    if len({AUTO_CLASSES[t] for t in tasks.values()}) > 1:
+        raise LoralabError(f"these adapters need different model heads ({tasks}), so they cannot share one base",
+                           field="--adapter", fix="load adapters of one kind together (sft with generate-classify, "
+                                                 "classification with classification, tagging with tagging)")
     config = ModelConfig(path=model_path, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code)
     # the tokenizer saved with the adapter is the one training used (pad token and all); else the base model's
     tokenizer_source = first if first and (Path(first) / "tokenizer_config.json").is_file() else model_path
@@ -83,10 +106,9 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     dtype_ = compute_dtype(config, device_)
     kwargs = {}
     if settings.task in ("classification", "tagging"):
-        labels = settings.labels or [str(i) for i in range(_head_size(first) or 2)]
+        labels = settings.labels or ["0", "1"]
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
-        settings.labels = labels
     try:
         model = AUTO_CLASSES[settings.task].from_pretrained(
             resolve_model_path(model_path), gguf_file=gguf_file, dtype=dtype_, trust_remote_code=trust_remote_code,
@@ -97,7 +119,17 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     if load_adapters:
         for name, path in adapters.items():
             load_adapter(model, path, adapter_name=name)
-        if adapters:
-            set_active_adapters(model, next(iter(adapters)))
     model.to(device_).eval()
-    return Loaded(model, tokenizer, settings, device_, dtype_, list(adapters) if load_adapters else [])
+    loaded = Loaded(model, tokenizer, settings, device_, dtype_, list(adapters) if load_adapters else [],
+                    all_settings)
+    if loaded.adapters:
+        loaded.use(loaded.adapters[0])
+    return loaded
+
+
+def _settings(adapter: str) -> InferenceSettings:
+    """The adapter's inference settings; a classifier saved without labels (by PEFT) gets '0', '1', ... per head row."""
+    settings = read_inference_settings(adapter) or InferenceSettings()
+    if settings.task in ("classification", "tagging") and not settings.labels:
+        settings.labels = [str(i) for i in range(_head_size(adapter) or 2)]
+    return settings

@@ -72,9 +72,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
 
 
 def _modules_to_save_names(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [n for n, m in model.named_modules()
-             if n and not isinstance(m, ModulesToSave) and name_matches(n, patterns)]
-    # the outermost match only: wrapping `classifier` already covers `classifier.dense`
+    names = [n for n, m in model.named_modules() if n and name_matches(n, patterns)]
+    # the outermost match only: wrapping `classifier` already covers `classifier.dense` (and a wrapper made for an
+    # earlier adapter covers its own copies)
     names = [n for n in names if not any(n.startswith(p + ".") for p in names)]
     missing = [p for p in patterns if not any(name_matches(n, [p]) for n, _ in model.named_modules() if n)]
     if missing:

@@ -269,10 +269,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise LoralabError(f"the adapter does not fit this model: {e.message} (adapter's base: "
                            f"{raw.get('base_model_name_or_path')})", file=str(path / CONFIG_NAME),
                            field="target_modules", fix=e.fix) from None
-    _check_layout(file_keys, required, optional, weights_file, raw.get("base_model_name_or_path"))
+    heads = _resized_heads(model, config, file_keys, required)
+    _check_layout(file_keys, {k: heads.get(k, v) for k, v in required.items()}, optional, weights_file,
+                  raw.get("base_model_name_or_path"))
     _check_finite(weights_file)
 
     apply_lora(model, config, adapter_name)
+    for key, shape in heads.items():
+        _resize_head_copy(model, key, shape, adapter_name)
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     wrappers = {name for name, _ in saved_modules(model)}
@@ -293,6 +297,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _resized_heads(model: nn.Module, config: LoraConfig, found: dict, required: dict) -> dict[str, tuple]:
+    """Head tensors (modules_to_save) whose first dimension is another label count than the model's: each
+    classification adapter brings its own head, so adapters for 2 and 5 classes can share one base model."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    saved = _modules_to_save_names(model, config.modules_to_save or []) if num_labels else []
+    heads = {}
+    for key, want in required.items():
+        have = found.get(key)
+        if (have is not None and any(key.startswith(name + ".") for name in saved) and len(have) == len(want)
+                and want[0] == num_labels and have[0] != want[0] and tuple(have[1:]) == tuple(want[1:])):
+            heads[key] = tuple(have)
+    return heads
+
+
+def _resize_head_copy(model: nn.Module, key: str, shape: tuple, adapter_name: str) -> None:
+    """Give this adapter's copy of the head the file's label count (the original head and other copies keep theirs)."""
+    wrapper = next(name for name, _ in saved_modules(model) if key.startswith(name + "."))
+    owner_path, _, leaf = key[len(wrapper) + 1:].rpartition(".")
+    copy = model.get_submodule(f"{wrapper}.modules_to_save.{adapter_name}")
+    owner = copy.get_submodule(owner_path) if owner_path else copy
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                      requires_grad=old.requires_grad))
+    if isinstance(owner, nn.Linear) and leaf == "weight":
+        owner.out_features = shape[0]
 
 
 def _check_finite(weights_file: Path) -> None:
