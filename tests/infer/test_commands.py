@@ -138,8 +138,9 @@ def test_several_adapters_on_one_base(trained, model_dirs, tmp_path):
 def test_classifiers_with_different_label_counts_share_one_base(trained, model_dirs, tmp_path):
     # each adapter brings its own head: switching adapters switches the labels, and every prediction is the one
     # the adapter gives when loaded alone
-    both = load_for_inference(str(model_dirs["bert"]), {"sentiment": str(trained["cls"]), "topic": str(trained["cls3"])})
-    alone = {name: load_for_inference(str(model_dirs["bert"]), {name: str(trained[key])})
+    base = str(model_dirs["bert"])
+    both = load_for_inference(base, {"sentiment": str(trained["cls"]), "topic": str(trained["cls3"])})
+    alone = {name: load_for_inference(base, {name: str(trained[key])})
              for name, key in (("sentiment", "cls"), ("topic", "cls3"))}
     inputs = {k: v for k, v in both.tokenizer(["good great", "red blue"], return_tensors="pt", padding=True).items()
               if k != "token_type_ids"}
