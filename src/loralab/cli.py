@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 
 USER_ERROR = 2  # bad input: config, data, adapter files
 CRASH = 1  # a bug or an environment failure: the traceback is printed
@@ -171,7 +171,7 @@ def parse_combination(spec: str, adapters: list[str]) -> tuple[list[str], list[f
             raise LoralabError(f"{item!r} is not name=weight", field="--combine", fix="e.g. --combine sql=0.7,chat=0.3")
         if name not in adapters:
             raise LoralabError(f"no adapter is named {name!r}", field="--combine",
-                               fix=f"name one of the loaded adapters: {', '.join(adapters) or 'none (add --adapter)'}")
+                               fix=did_you_mean(name, adapters) if adapters else "load adapters with --adapter")
         names.append(name)
         weights.append(value)
     return names, weights

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.lora.config import LoraConfig
 from loralab.train.run_folder import check_run_name
 
@@ -152,8 +151,7 @@ SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "
 def _closest(key: str, valid: list[str]) -> str:
     if SYNONYMS.get(key) in valid:
         return f"did you mean '{SYNONYMS[key]}'?"
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(valid)}"
+    return did_you_mean(key, valid)
 
 
 def _check_type(value: Any, hint, where: str, file: str | None) -> Any:

@@ -40,7 +40,7 @@ class LoralabError(Exception):
         return text
 
 
-def did_you_mean(name: str, choices, what: str = "one of") -> str:
+def did_you_mean(name: str, choices, what: str = "one of", cutoff: float = 0.5) -> str:
     """A fix hint for a mistyped name: the closest choice if one is close, else the list of choices.
 
     Example:
@@ -49,7 +49,7 @@ def did_you_mean(name: str, choices, what: str = "one of") -> str:
     import difflib
 
     choices = [str(c) for c in choices]
-    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=cutoff)
     if close:
         return f"did you mean {close[0]!r}?"
     return f"use {what} {', '.join(choices)}" if choices else "there is nothing to choose from"

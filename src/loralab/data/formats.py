@@ -8,7 +8,7 @@ spans (text + [[start, end, label], ...]) and tokens (tokens + tags).
 from __future__ import annotations
 
 from loralab.data.records import Record
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
@@ -56,7 +56,7 @@ def to_conversation(record: Record, fmt: str) -> list[dict]:
             content = message.get("content", message.get("value"))
             if role not in ROLES:
                 raise record.error(f"unknown role {role!r}", f"{where}.role",
-                                   fix="use system, user or assistant (sharegpt: system, human, gpt)")
+                                   fix=did_you_mean(role, ROLES))
             if not isinstance(content, str):
                 raise record.error("missing or non-text content", f"{where}.content")
             turns.append({"role": ROLES[role], "content": content})

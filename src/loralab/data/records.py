@@ -6,11 +6,12 @@ is reported by number; csv and parquet go through `datasets`.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 
 
 @dataclass
@@ -28,8 +29,10 @@ class Record:
         if value is None:
             if required:
                 present = ", ".join(self.data) or "none"
-                raise self.error("missing field", field, fix=f"add it, or map your column to it in data.columns "
-                                                             f"(this record has: {present})")
+                close = difflib.get_close_matches(field, [str(k) for k in self.data], n=1, cutoff=0.5)
+                hint = f"map your column to it with data.columns.{field}={close[0]}" if close else \
+                    "add it, or map your column to it in data.columns"
+                raise self.error("missing field", field, fix=f"{hint} (this record has: {present})")
             return None
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
@@ -71,6 +74,7 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None, delimi
                            fix="use .json, .jsonl, .csv, .tsv or .parquet")
     if not rows:
         raise LoralabError("the data file holds no records", file=file)
+    _check_columns(columns or {}, rows, file)
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
     records = []
     for data, line in rows[:limit]:
@@ -78,6 +82,15 @@ def read_records(path: str | Path, columns: dict[str, str] | None = None, delimi
             raise LoralabError(f"expected an object with fields, got {type(data).__name__}", file=file, record=line)
         records.append(Record({rename.get(k, k): v for k, v in data.items()}, file, line))
     return records
+
+
+def _check_columns(columns: dict[str, str], rows: list[tuple], file: str) -> None:
+    """A column named in data.columns that no record has is a typo, not an optional field."""
+    present = dict.fromkeys(k for data, _ in rows if isinstance(data, dict) for k in data)
+    for ours, theirs in columns.items():
+        if theirs not in present:
+            raise LoralabError(f"no record has the column {theirs!r}", file=file, field=f"data.columns.{ours}",
+                               fix=did_you_mean(theirs, present, "one of the file's columns:"))
 
 
 def _read_json(text: str, file: str) -> list[tuple[dict, int]]:

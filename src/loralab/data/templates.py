@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 
 log = logging.getLogger("loralab")
 IGNORE_INDEX = -100  # label of tokens left out of the loss (PyTorch's cross_entropy default)
@@ -77,7 +77,7 @@ def resolve_template(tokenizer, template: str) -> str:
     if "{{" in template or "{%" in template:
         return template
     raise LoralabError(f"unknown template {template!r}", field="data.template",
-                       fix=f"use auto, {', '.join(BUILTIN_TEMPLATES)}, or a Jinja template string")
+                       fix=did_you_mean(template, ["auto", *BUILTIN_TEMPLATES]) + " (or give a Jinja template string)")
 
 
 def render(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool) -> str:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import adapter_names, lora_layers, saved_modules
 
@@ -27,13 +27,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     known = adapter_names(model)
     for a in adapters:
         if a not in known:
-            raise LoralabError(f"unknown adapter {a!r}", fix=f"use one of {known}")
+            raise LoralabError(f"unknown adapter {a!r}", fix=did_you_mean(a, known))
     if name in known:
         raise LoralabError(f"an adapter named {name!r} already exists", fix="choose another name")
     if len(adapters) != len(weights) or not adapters:
         raise LoralabError("give one weight per adapter", fix="e.g. --combine a=0.7,b=0.3")
     if combination not in ("linear", "cat"):
-        raise LoralabError(f"unknown combination {combination!r}", fix="use linear or cat")
+        raise LoralabError(f"unknown combination {combination!r}", fix=did_you_mean(combination, ["linear", "cat"]))
     if any(a in w.modules_to_save for _, w in saved_modules(model) for a in adapters):
         raise LoralabError("adapters with modules_to_save (trained heads) cannot be combined by weight",
                            fix="combine adapters that only hold LoRA weights")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.lora.config import LoraConfig
 from loralab.lora.layer import LoraLinear
 from loralab.lora.modules_to_save import ModulesToSave
@@ -107,7 +107,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in adapter_names(model)]
     if unknown:
-        raise LoralabError(f"unknown adapter {unknown[0]!r}", fix=f"use one of {adapter_names(model)}")
+        raise LoralabError(f"unknown adapter {unknown[0]!r}", fix=did_you_mean(unknown[0], adapter_names(model)))
     for _, layer in lora_layers(model):
         if layer.merged_adapters and set(layer.merged_adapters) - set(names):
             layer.unmerge()

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import _modules_to_save_names, apply_lora, lora_layers, saved_modules
 from loralab.lora.layer import LoraLinear, linear_shape
@@ -103,7 +103,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     if adapter_name not in getattr(model, "lora_configs", {}):
         raise LoralabError(f"the model has no adapter named {adapter_name!r}",
-                           fix=f"use one of {list(getattr(model, 'lora_configs', {}))}")
+                           fix=did_you_mean(adapter_name, getattr(model, "lora_configs", {})))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

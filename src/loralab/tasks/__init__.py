@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
+from loralab.errors import LoralabError, did_you_mean
+
 
 @dataclass
 class TaskData:
@@ -24,4 +26,6 @@ MODULES = {"sft": "sft", "classification": "classification", "tagging": "tagging
 
 
 def get_task(name: str):
+    if name not in MODULES:
+        raise LoralabError(f"unknown task {name!r}", field="task", fix=did_you_mean(name, MODULES))
     return importlib.import_module(f"loralab.tasks.{MODULES[name]}")

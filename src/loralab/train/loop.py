@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loralab.config import DataConfig, RunConfig, atomic_write_text, load_config, save_config, to_dict
 from loralab.data.collate import length_grouped_order, pack_batch, packed_rows, pad_batch, to_device
 from loralab.data.records import read_records
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, did_you_mean
 from loralab.infer.settings import save_inference_settings
 from loralab.lora import LoraConfig, apply_lora, count_parameters, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_model, load_tokenizer, pick_device, resolve_model_path, usable_device
@@ -472,7 +472,7 @@ def _train(config: RunConfig, console: Console, world: World) -> dict:
             metrics = task.evaluate(model, tokenizer, data, config, device, autocast)
         if best_metric not in metrics:
             raise LoralabError(f"unknown metric {best_metric!r}", field="train.best_metric",
-                               fix=f"use one of {', '.join(metrics)}")
+                               fix=did_you_mean(best_metric, metrics))
         state["evaluations"].append({"step": state["step"], "epoch": epoch_float, "metrics": metrics})
         record({"step": state["step"], "epoch": epoch_float, **{f"eval_{k}": v for k, v in metrics.items()}})
         console.print(f"step {state['step']} (epoch {epoch_float:.2f}): "
