@@ -90,15 +90,16 @@ def loop_step(config):
     of examples). Returns (step, model, device)."""
     import contextlib
 
+    from loralab.fast.lm_loss import TrainingLoss
     from loralab.models import compute_dtype, pick_device
-    from loralab.tasks import TaskData
-    from loralab.train.lm_loss import TrainingLoss
-    from loralab.train.loop import optimizer_step, setup_model, train_step
+    from loralab.train.model import build_model
     from loralab.train.optim import make_optimizer, make_scheduler
+    from loralab.train.step import optimizer_step, train_step
 
     device = pick_device(config.train.device)
     dtype = compute_dtype(config.model, device)
-    model, _ = setup_model(config, TaskData([], [], labels=None), device, dtype)
+    model, _, _ = build_model(config)
+    model.to(device)
     model.train()
     trained = TrainingLoss(model, causal=True)
     optimizer = make_optimizer(model, 1e-4, 0.0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from loralab.train import causal_attention
+from loralab.fast import causal_attention
 
 ALPACA_LIKE = [200, 180, 132, 350, 90, 240, 160, 300, 210, 186]  # 2,048 tokens
 

@@ -46,8 +46,8 @@ def measure_fit(args, checkpointing: int) -> dict:
     from loralab.config import load_config
     from loralab.errors import LoralabError
     from loralab.estimate import memory_budget
-    from loralab.train.cuda_allocator import use_expandable_segments
-    from loralab.train.loop import with_planned_batch
+    from loralab.fast.cuda_allocator import use_expandable_segments
+    from loralab.train.batch_plan import with_planned_batch
 
     if args.device == "cuda":
         use_expandable_segments()  # as `train` runs
@@ -81,7 +81,7 @@ def measure(args, checkpointing: int) -> dict:
             step(args.batch_size, args.max_length)
         return {"peak_bytes": peak_bytes(device.type)}
     from loralab.estimate import resident_bytes
-    from loralab.train.heap import release_free_heap
+    from loralab.fast.heap import release_free_heap
 
     step(args.batch_size, args.max_length)  # warm-up: optimizer states, kernels, the weights' pages read in
     release_free_heap()

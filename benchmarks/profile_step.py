@@ -81,7 +81,7 @@ def data_steps(config, sync):
     from loralab.data.records import read_records
     from loralab.models import load_tokenizer
     from loralab.tasks import sft
-    from loralab.train.loop import micro_batches, resolve_padding_free
+    from loralab.train.sampling import micro_batches, resolve_padding_free
 
     records = read_records(config.data.train, config.data.columns, limit=config.data.limit)
     data = sft.prepare(config, load_tokenizer(config.model), records, [])

@@ -14,7 +14,6 @@ def test_yaml_and_dotted_overrides_become_typed_config(tmp_path):
     assert config.lora.r == 16 and config.lora.target_modules == ["query", "value"]
     assert config.train.lr == 2e-4 and isinstance(config.train.lr, float)  # YAML reads 2e-4 as text
     assert config.data.columns == {"text": "sentence"}
-    assert load_config(None, [*BASE, "train.compile=model"]).train.compile == "model"
     assert load_config(None, [*BASE, "train.compile=true"]).train.compile is True
 
 
@@ -30,10 +29,8 @@ def test_yaml_and_dotted_overrides_become_typed_config(tmp_path):
     ("train.gradient_checkpointing=-2", "train.gradient_checkpointing", "every N-th layer"),
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing", None),
     ("train.batch_size=big", "train.batch_size", "int or auto"),
-    ("train.compile=whole", "train.compile", "bool or model"),
+    ("train.compile=whole", "train.compile", "bool"),
     ("train.compile=true train.gradient_checkpointing=2", "train.compile", "use one"),
-    ("train.compile=model train.gradient_checkpointing=true", "train.compile", "use one"),
-    ("train.compile=model distributed=fsdp", "train.compile", "train.compile=true"),
 ])
 def test_bad_keys_and_values_name_the_key_and_suggest(override, field, fix):
     with pytest.raises(LoralabError) as err:

@@ -19,8 +19,8 @@ from tiny_models import tiny_model
 MEASURE = r"""
 import json, re, sys, torch
 from loralab.config import load_config
-from loralab.train.loop import setup_model
-from loralab.train.lm_loss import TrainingLoss
+from loralab.train.model import build_model
+from loralab.fast.lm_loss import TrainingLoss
 from loralab.train.optim import make_optimizer
 from loralab.tasks import TaskData
 
@@ -35,7 +35,7 @@ labels = ids[:, 0] % 2 if config.task == "classification" else ids
 data = TaskData([], [], labels=["0", "1"])
 
 def steps(ids, labels, n=2):
-    model, _ = setup_model(config, data, torch.device("cpu"), torch.float32)
+    model, _, _ = build_model(config, data.labels)
     model.train()
     loss_module = TrainingLoss(model, causal=config.task == "sft")
     optimizer = make_optimizer(model, 1e-4, 0.0)
@@ -129,14 +129,15 @@ FIT = r"""
 import json, re, sys, torch
 from rich.console import Console
 from loralab.config import load_config
-from loralab.train.loop import setup_model, with_planned_batch
-from loralab.train.lm_loss import TrainingLoss
+from loralab.train.batch_plan import with_planned_batch
+from loralab.train.model import build_model
+from loralab.fast.lm_loss import TrainingLoss
 from loralab.train.optim import make_optimizer
 from loralab.tasks import TaskData
 
 config = with_planned_batch(load_config(None, base=json.loads(sys.argv[1])), Console(stderr=True))
 ids = torch.randint(3, 1000, (config.train.batch_size, config.data.max_length))
-model, _ = setup_model(config, TaskData([], []), torch.device("cpu"), torch.float32)
+model, _, _ = build_model(config)
 loss_module = TrainingLoss(model.train(), causal=True)
 optimizer = make_optimizer(model, 1e-4, 0.0)
 for _ in range(3):

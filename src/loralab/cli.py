@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -20,33 +19,18 @@ CRASH = 1  # a bug or an environment failure: the traceback is printed
 
 def cmd_targets(args) -> None:
     """List a model's linear layers (what target_modules can name) and loralab's default choice."""
-    import torch
     from rich.console import Console
     from rich.table import Table
-    from transformers import AutoConfig, AutoModel
 
-    from loralab.lora.targets import DEFAULT_TARGETS, linear_module_names
+    from loralab.lora.targets import linear_layer_table
+    from loralab.models import read_model_config
 
-    try:
-        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except OSError as e:
-        raise LoralabError(f"cannot read a model config: {e}", file=args.model,
-                           fix="pass a local model folder holding config.json, or a hub id") from None
-    with torch.device("meta"):  # the layout only: no weights are loaded or allocated
-        model = AutoModel.from_config(config, trust_remote_code=args.trust_remote_code)
-    counts: dict[str, int] = {}
-    shapes: dict[str, str] = {}
-    for name in linear_module_names(model):
-        suffix = name.rsplit(".", 1)[-1]
-        counts[suffix] = counts.get(suffix, 0) + 1
-        weight = model.get_submodule(name).weight
-        shapes.setdefault(suffix, " x ".join(map(str, weight.shape)))
-    default = DEFAULT_TARGETS.get(config.model_type, [])
+    config = read_model_config(args.model, trust_remote_code=args.trust_remote_code, field="--model")
     table = Table(title=f"{config.model_type}: linear layers (target_modules names)")
     for column in ("name", "count", "weight shape", "default target"):
         table.add_column(column)
-    for suffix, count in counts.items():
-        table.add_row(suffix, str(count), shapes[suffix], "yes" if suffix in default else "")
+    for name, count, shape, default in linear_layer_table(config, args.trust_remote_code):
+        table.add_row(name, str(count), shape, "yes" if default else "")
     Console().print(table)
 
 
@@ -73,6 +57,7 @@ def _load_config(args, model: str | None = None):
     lora.r=4`) is an override."""
     from loralab.config import load_config
     from loralab.demo import DEMO_CONFIG
+    from loralab.estimate import settings_for_model
 
     config_file, overrides = args.config, [*args.overrides, *([f"model.path={model}"] if model else [])]
     if config_file is not None and "=" in config_file and not config_file.endswith((".yaml", ".yml")):
@@ -81,32 +66,7 @@ def _load_config(args, model: str | None = None):
     if config_file is not None:
         return load_config(config_file, overrides)
     gguf_file = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.gguf_file=")), None)
-    return load_config(None, overrides, base=_settings_for_model(model, gguf_file) if model else DEMO_CONFIG)
-
-
-def _settings_for_model(model: str, gguf_file: str | None = None) -> dict:
-    """A model's own defaults: SFT for a causal LM, classification for an encoder, the architecture's usual LoRA
-    targets (the demo's are BERT's)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    from loralab.models import resolve_model_path
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model), gguf_file=gguf_file)
-    except (OSError, ValueError) as e:
-        raise LoralabError(f"cannot read the model's config: {e}", file=model, field="--model",
-                           fix="point at a model folder with config.json, or a hub id") from None
-    if config.architectures:
-        causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures)
-    else:  # GGUF files name no architecture: a decoder-only model type (BERT has a causal head too, and a masked one)
-        causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-                  and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    return {"task": "sft" if causal else "classification", "model": {"path": model},
-            "data": {"train": "(not read by estimate)"}}
+    return load_config(None, overrides, base=settings_for_model(model, gguf_file) if model else DEMO_CONFIG)
 
 
 def cmd_estimate(args) -> None:
@@ -114,7 +74,7 @@ def cmd_estimate(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from loralab.estimate import headroom, largest_batch_size, memory_budget, planner
+    from loralab.estimate import estimate_with_and_without_checkpointing, headroom, memory_budget
     from loralab.models import compute_dtype, pick_device
     from loralab.train.report import human_bytes
 
@@ -123,18 +83,7 @@ def cmd_estimate(args) -> None:
     dtype_name = str(compute_dtype(config.model, device)).removeprefix("torch.") + f" on {device.type}"
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
     budget = memory_budget(args.budget, config.train.device)
-    other = not config.train.gradient_checkpointing
-    uncompiled = other and config.train.compile  # compiled layers cannot also be checkpointed
-    variants = {"as configured": config,
-                f"with{'' if other else 'out'} gradient checkpointing{' (not compiled)' if uncompiled else ''}":
-                    dataclasses.replace(config, train=dataclasses.replace(
-                        config.train, gradient_checkpointing=other, compile=config.train.compile and not other))}
-    estimates, fits = {}, {}
-    for name, variant in variants.items():
-        with planner(variant) as estimate:
-            estimates[name] = estimate(batch)
-            fits[name] = largest_batch_size(variant, budget.usable(variant.train.gradient_checkpointing),
-                                            estimate=estimate)
+    estimates, fits = estimate_with_and_without_checkpointing(config, batch, budget)
     table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
                         f"x {next(iter(estimates.values())).seq_len} tokens, {dtype_name}")
     table.add_column("")

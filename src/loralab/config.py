@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ from typing import Any, Literal
 import yaml
 
 from loralab.errors import LoralabError, did_you_mean
+from loralab.files import write_text_atomically
 from loralab.lora.config import LoraConfig
+from loralab.tasks import get_task
 from loralab.train.run_folder import check_run_name
 
 
@@ -104,9 +105,8 @@ class TrainConfig:
     # true: every layer recomputes; N: every N-th (less time, more memory)
     gradient_checkpointing: bool | int = bounded(False, 0,
             fix="use true (every layer), false, or N >= 1 (every N-th layer)")
-    # torch.compile for training steps (fuses the small ops; the first steps compile): true compiles each transformer
-    # block (seconds), model the whole body as one graph (minutes; least host work a step, for small GPU steps)
-    compile: bool | Literal["model"] = False
+    # torch.compile for training steps: each transformer block on its own (one graph serves them all; seconds)
+    compile: bool = False
     # optimizer steps; the run also evaluates after each epoch
     eval_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
     eval_batch_size: int = bounded(32, 1, fix="use 1 or more")
@@ -280,14 +280,12 @@ def _check_values(config: RunConfig, file: str | None) -> None:
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
         ("data.padding_free", config.data.padding_free,
-         config.data.padding_free is not True or config.task in ("sft", "generate-classify"),
+         config.data.padding_free is not True or get_task(config.task).CAUSAL,
          "padding-free batches are for causal LM tasks (sft, generate-classify); set data.padding_free=false"),
         # torch's partitioner fails on compiled layers that are also checkpointed (mid-run, after loading)
         ("train.compile", t.compile, not (t.compile and t.gradient_checkpointing),
          "compiled layers cannot also be checkpointed; use one: train.compile (which keeps fewer activations "
          "itself) or train.gradient_checkpointing"),
-        ("train.compile", t.compile, t.compile != "model" or config.distributed == "ddp",
-         "fsdp shards per block; use train.compile=true (per block) with distributed: fsdp"),
     ):
         if not ok:
             raise LoralabError(f"impossible value {value!r}", file=file, field=name, fix=fix)
@@ -299,17 +297,4 @@ def _check_values(config: RunConfig, file: str | None) -> None:
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Written whole or not at all (a resumed run rewrites it)."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """`path` holds the old text or the new, never a part: written beside it, synced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already once renamed; a failed write leaves nothing behind
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))

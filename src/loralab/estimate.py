@@ -13,6 +13,7 @@ as CUDA runs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import weakref
@@ -24,14 +25,17 @@ import transformers.masking_utils
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from loralab.config import RunConfig
 from loralab.errors import LoralabError
-from loralab.lora import apply_lora
-from loralab.models import AUTO_CLASSES, compute_dtype, pick_device, resolve_model_path
+from loralab.fast.forward_source import replace_forwards
+from loralab.fast.lm_loss import CHUNK_ELEMENTS, LinearCrossEntropy, supports_chunked_loss
+from loralab.fast.rms_norm import is_rms_norm
+from loralab.models import compute_dtype, pick_device, read_model_config
+from loralab.tasks import get_task
 from loralab.tasks.evaluation import position_limit
-from loralab.train.lm_loss import CHUNK_ELEMENTS, LinearCrossEntropy, supports_chunked_loss
+from loralab.train.model import build_model
 
 UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
          "tib": 2**40}
@@ -116,35 +120,10 @@ def rms_norm_on_cuda(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_model(config: RunConfig):
-    """The training model of `config`, built from its config.json on fake tensors."""
-    from loralab.train.forward_source import replace_forwards
-    from loralab.train.loop import enable_checkpointing, trainable_copies_in_fp32
-    from loralab.train.rms_norm import fuse_rms_norm, is_rms_norm
-    from loralab.train.swiglu import fuse_swiglu
-
-    m = config.model
-    try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(m.path), gguf_file=m.gguf_file,
-                                                  trust_remote_code=m.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise LoralabError(f"cannot read the model's config: {e}", file=m.path, field="model.path",
-                           fix="point at a model folder with config.json, or a hub id") from None
-    dtype = compute_dtype(m, pick_device(config.train.device))
-    if config.task in ("classification", "tagging"):
-        model_config.num_labels = len(config.data.labels or ["0", "1"])
-    model = AUTO_CLASSES[config.task].from_config(model_config, dtype=dtype if config.method == "lora" else
-                                                  torch.float32, trust_remote_code=m.trust_remote_code)
-    if config.method == "full":
-        model.requires_grad_(True)
-    else:
-        apply_lora(model, config.lora)
-        trainable_copies_in_fp32(model)
-    fuse_swiglu(model)
-    fuse_rms_norm(model)
+    """The training model of `config`, built as `train` builds it but from its config.json, on fake tensors."""
+    model, _, _ = build_model(config, config.data.labels or ["0", "1"], weights=False)
     if pick_device(config.train.device).type == "cuda":
         replace_forwards(model, is_rms_norm, rms_norm_on_cuda)
-    if config.train.gradient_checkpointing:
-        enable_checkpointing(model, config.method, config.train.gradient_checkpointing)
     model.train()
     return model
 
@@ -156,7 +135,7 @@ def _step_peak(model, config: RunConfig, batch_size: int, seq_len: int) -> int:
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with LiveBytes(known) as live:
         with autocast:
-            if config.task in ("sft", "generate-classify") and supports_chunked_loss(model):
+            if get_task(config.task).CAUSAL and supports_chunked_loss(model):
                 # every position scored: the worst case of the chunked loss
                 hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
                 loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]),
@@ -182,7 +161,7 @@ def planner(config: RunConfig):
         params = list(model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-        causal = config.task in ("sft", "generate-classify")
+        causal = get_task(config.task).CAUSAL
         chunked = causal and supports_chunked_loss(model)
         vocab = model.get_output_embeddings().weight.shape[0] if causal else 0
         seq_len = min(config.data.max_length, position_limit(model) or config.data.max_length)
@@ -197,6 +176,39 @@ def planner(config: RunConfig):
                                   trainable * ADAM_STATE_BYTES, peak, 4 * trainable, loss)
 
         yield estimate
+
+
+def estimate_with_and_without_checkpointing(config: RunConfig, batch_size: int, budget: Budget
+                                            ) -> tuple[dict[str, MemoryEstimate], dict[str, MemoryEstimate | None]]:
+    """`loralab estimate`'s two columns: the run as configured and with gradient checkpointing switched (compiled
+    layers cannot also be checkpointed, so that variant runs uncompiled); per column the estimate at
+    `batch_size` and the largest batch that fits the budget."""
+    other = not config.train.gradient_checkpointing
+    uncompiled = other and config.train.compile
+    variants = {"as configured": config,
+                f"with{'' if other else 'out'} gradient checkpointing{' (not compiled)' if uncompiled else ''}":
+                    dataclasses.replace(config, train=dataclasses.replace(
+                        config.train, gradient_checkpointing=other, compile=config.train.compile and not other))}
+    estimates, fits = {}, {}
+    for name, variant in variants.items():
+        with planner(variant) as estimate:
+            estimates[name] = estimate(batch_size)
+            fits[name] = largest_batch_size(variant, budget.usable(variant.train.gradient_checkpointing),
+                                            estimate=estimate)
+    return estimates, fits
+
+
+def settings_for_model(model: str, gguf_file: str | None = None) -> dict:
+    """The settings `loralab estimate --model` plans with: SFT for a causal LM, classification for an encoder, the
+    architecture's usual LoRA targets."""
+    config = read_model_config(model, gguf_file, field="--model")
+    if config.architectures:
+        causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures)
+    else:  # GGUF files name no architecture: a decoder-only model type (BERT has a causal head too, and a masked one)
+        causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                  and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return {"task": "sft" if causal else "classification", "model": {"path": model},
+            "data": {"train": "(not read by estimate)"}}
 
 
 def estimate_memory(config: RunConfig, batch_sizes: list[int]) -> list[MemoryEstimate]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -118,3 +119,20 @@ def load_model(config: ModelConfig, task: str, dtype: torch.dtype, num_labels: i
                            fix="point at a model folder with config.json and weights, or a hub id") from None
     missing = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     return model, missing
+
+
+def read_model_config(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                      field: str = "model.path"):
+    """The model's transformers config (config.json, or a GGUF file's header) without its weights."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(path), gguf_file=gguf_file,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoralabError(f"cannot read the model's config: {e}", file=path, field=field,
+                           fix="point at a model folder with config.json, or a hub id") from None
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (the classes transformers names in `_no_split_modules`), in order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]

@@ -81,7 +81,7 @@ def plan(config_path: str, grid: list[str], overrides: list[str]) -> list[tuple[
 def is_finished(config: RunConfig) -> bool:
     """Done, with this very config (a changed config is left to `train`, which refuses to mix two runs)."""
     from loralab.config import to_dict
-    from loralab.train.loop import WATCHING, _differences
+    from loralab.train.resume import WATCHING, _differences
 
     saved = config.run_dir / "config.yaml"
     if not (config.run_dir / "report.json").is_file() or not saved.is_file():

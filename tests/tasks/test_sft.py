@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import loralab.train.lm_loss as lm_loss
+import loralab.fast.lm_loss as lm_loss
 from loralab.config import load_config
 from loralab.tasks import TaskData, sft
 from tiny_models import tiny_model

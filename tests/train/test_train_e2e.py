@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from loralab.cli import USER_ERROR, main
 from loralab.data.collate import pack_batch
-from loralab.train import loop
-from loralab.train.heap import TRIM_EVERY
+from loralab.fast.heap import TRIM_EVERY
+from loralab.train import loop, sampling, step
 from run_helpers import SENTIMENT, write_config, write_jsonl
 
 
@@ -227,7 +227,7 @@ def test_packing_trains_on_fewer_fuller_rows(tmp_path, model_dirs):
 
 def test_padding_free_batches_train_as_padded_random_batches_do(tmp_path, model_dirs, monkeypatch):
     rows = []
-    monkeypatch.setattr(loop, "pack_batch", lambda batch, pad_id: rows.append(len(batch)) or pack_batch(batch, pad_id))
+    monkeypatch.setattr(step, "pack_batch", lambda batch, pad_id: rows.append(len(batch)) or pack_batch(batch, pad_id))
     padded, _ = sft_run(tmp_path, model_dirs, "padded", padding_free=False, group_by_length=False)
     assert rows == []
     flat, report = sft_run(tmp_path, model_dirs, "flat")  # auto: the tiny Llama keeps a row's examples apart
@@ -238,7 +238,7 @@ def test_padding_free_batches_train_as_padded_random_batches_do(tmp_path, model_
 def test_padding_free_micro_batches_are_the_random_order_one_row_each():
     from loralab.config import load_config
     from loralab.tasks import TaskData
-    from loralab.train.loop import micro_batches
+    from loralab.train.sampling import micro_batches
 
     data = TaskData([{"input_ids": [0] * n} for n in [3, 40, 5, 38, 4, 41, 6, 39] * 4], [])
     base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}, "train": {"batch_size": 4}}
@@ -256,7 +256,7 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(64, 8)
-            self.config = SimpleNamespace(_attn_implementation=loop.LORALAB_ATTENTION)
+            self.config = SimpleNamespace(_attn_implementation=sampling.LORALAB_ATTENTION)
 
         def get_input_embeddings(self):
             return self.embed
@@ -266,14 +266,14 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
 
     base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
     console = loop.Console(file=None, force_terminal=False)
-    auto = loop.resolve_padding_free(load_config(None, [], base=base), OwnCodeLM(), torch.device("cpu"),
+    auto = sampling.resolve_padding_free(load_config(None, [], base=base), OwnCodeLM(), torch.device("cpu"),
                                      torch.autocast("cpu", enabled=False), console)
     assert auto.data.padding_free is False and "batches are padded: OwnCodeLM does not take" in capsys.readouterr().out
     with pytest.raises(LoralabError, match="data.padding_free=false"):
-        loop.resolve_padding_free(load_config(None, ["data.padding_free=true"], base=base), OwnCodeLM(),
+        sampling.resolve_padding_free(load_config(None, ["data.padding_free=true"], base=base), OwnCodeLM(),
                                   torch.device("cpu"), torch.autocast("cpu", enabled=False), console)
     encoder = load_config(None, [], base={**base, "task": "classification"})
-    assert loop.resolve_padding_free(encoder, None, torch.device("cpu"), None, console).data.padding_free is False
+    assert sampling.resolve_padding_free(encoder, None, torch.device("cpu"), None, console).data.padding_free is False
     assert run(write_config(tmp_path / "bad.yaml", task="classification", model={"path": str(model_dirs["bert"])},
                             data={"train": "x.jsonl", "padding_free": True})) == USER_ERROR
     assert "data.padding_free" in capsys.readouterr().err
@@ -282,15 +282,15 @@ def test_padding_free_is_left_out_where_the_model_cannot_keep_examples_apart(tmp
 def test_padding_free_is_auto_only_where_attention_takes_each_example_alone(monkeypatch):
     from loralab.config import load_config
 
-    monkeypatch.setattr(loop, "check_packing", lambda *args, **kwargs: None)  # the model keeps examples apart
+    monkeypatch.setattr(sampling, "check_packing", lambda *args, **kwargs: None)  # the model keeps examples apart
     base = {"task": "sft", "model": {"path": "m"}, "data": {"train": "t.json"}}
     console = loop.Console(quiet=True)
 
-    def resolved(device, flash, *overrides, attention=loop.LORALAB_ATTENTION):
-        monkeypatch.setattr(loop, "flash_kernel_runs_on", lambda d: flash)
+    def resolved(device, flash, *overrides, attention=sampling.LORALAB_ATTENTION):
+        monkeypatch.setattr(sampling, "flash_kernel_runs_on", lambda d: flash)
         config = load_config(None, list(overrides), base=base)
         model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
-        return loop.resolve_padding_free(config, model, torch.device(device), None, console).data.padding_free
+        return sampling.resolve_padding_free(config, model, torch.device(device), None, console).data.padding_free
 
     assert resolved("cpu", False) is True
     assert resolved("cuda", True) is True  # auto: bf16 on a GPU, through the variable-length flash kernel
@@ -303,13 +303,13 @@ def test_padding_free_is_auto_only_where_attention_takes_each_example_alone(monk
 
 
 def test_cpu_training_takes_its_frozen_products_through_onednn(tmp_path, model_dirs, monkeypatch):
-    import loralab.train.frozen_linear as frozen
+    import loralab.fast.frozen_linear as frozen
 
-    if frozen.ONEDNN_LINEAR is None:
+    if frozen.onednn_linear() is None:
         pytest.skip("frozen products go through oneDNN on AMD CPUs only")
     calls = []
-    real = frozen.ONEDNN_LINEAR
-    monkeypatch.setattr(frozen, "ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    real = frozen.onednn_linear()
+    monkeypatch.setattr(frozen, "onednn_linear", lambda: lambda *args: calls.append(1) or real(*args))
     sft_run(tmp_path, model_dirs, "onednn")
     assert len(calls) > 100  # 8 steps of 2 layers' 7 products, forward and backward, and the head's
 
@@ -337,7 +337,7 @@ def test_batch_size_auto_fills_the_budget_and_keeps_the_global_batch(tmp_path, m
 def test_micro_batches_group_by_length_or_not_and_cover_every_example_once():
     from loralab.config import load_config
     from loralab.tasks import TaskData
-    from loralab.train.loop import micro_batches
+    from loralab.train.sampling import micro_batches
 
     lengths = [3, 40, 5, 38, 4, 41, 6, 39] * 4
     data = TaskData([{"input_ids": [0] * n} for n in lengths], [])

@@ -9,11 +9,11 @@ import torch
 from rich.progress import Progress
 from transformers import TextStreamer
 
-from loralab.config import atomic_write_text
 from loralab.data.formats import ROLES
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt, resolve_template
 from loralab.errors import LoralabError
+from loralab.files import write_text_atomically
 from loralab.infer.load import Loaded
 from loralab.tasks.evaluation import generate, position_limit
 
@@ -106,7 +106,7 @@ def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     except OSError as e:
         raise LoralabError(f"cannot write the output ({e.strerror or e})", file=str(path), field="--output",
                            fix="check the folder exists and is writable, and that the disk has space") from None

@@ -22,6 +22,7 @@ from loralab.errors import LoralabError, did_you_mean
 from loralab.infer.settings import InferenceSettings, read_inference_settings
 from loralab.lora import load_adapter, set_active_adapters
 from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, resolve_model_path, usable_device
+from loralab.tasks import get_task
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Loaded:
             raise LoralabError(f"no adapter is named {name!r}", field="--use", fix=did_you_mean(name, self.adapters))
         set_active_adapters(self.model, name)
         self.settings = self.adapter_settings[name]
-        if self.settings.labels and self.settings.task in ("classification", "tagging"):
+        if self.settings.labels and get_task(self.settings.task).LABELLED:
             labels = self.settings.labels
             self.model.num_labels = len(labels)  # HF's classification losses read it
             self.model.config.num_labels = len(labels)
@@ -105,7 +106,7 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     device_ = usable_device(device)
     dtype_ = compute_dtype(config, device_)
     kwargs = {}
-    if settings.task in ("classification", "tagging"):
+    if get_task(settings.task).LABELLED:
         labels = settings.labels or ["0", "1"]
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
@@ -130,6 +131,6 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
 def _settings(adapter: str) -> InferenceSettings:
     """The adapter's inference settings; a classifier saved without labels (by PEFT) gets '0', '1', ... per head row."""
     settings = read_inference_settings(adapter) or InferenceSettings()
-    if settings.task in ("classification", "tagging") and not settings.labels:
+    if get_task(settings.task).LABELLED and not settings.labels:
         settings.labels = [str(i) for i in range(_head_size(adapter) or 2)]
     return settings

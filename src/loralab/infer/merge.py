@@ -6,12 +6,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from loralab.errors import LoralabError
 from loralab.infer.load import load_for_inference
 from loralab.lora import merge_and_unload
-from loralab.models import resolve_model_path
+from loralab.models import read_model_config
 
 
 def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | None = None,
@@ -23,8 +22,7 @@ def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | No
         raise LoralabError("the output folder exists and is not empty", file=out, fix="choose another --out or "
                                                                                        "pass --overwrite")
     # merged in fp32, then written in the dtype the base checkpoint declares
-    config = AutoConfig.from_pretrained(resolve_model_path(model_path), gguf_file=gguf_file,
-                                        trust_remote_code=trust_remote_code)
+    config = read_model_config(model_path, gguf_file, trust_remote_code, field="--model")
     base_dtype = getattr(config, "dtype", None)
     loaded = load_for_inference(model_path, {"default": adapter}, gguf_file=gguf_file, dtype="fp32",
                                 device="cpu", trust_remote_code=trust_remote_code)

@@ -20,7 +20,7 @@ def run_config(loaded: Loaded, path: str, columns: dict | None, batch_size: int)
     """The settings training used, as a config the task functions understand."""
     s = loaded.settings
     data = DataConfig(train=path, columns=columns or {}, template=s.template or "auto", system=s.system,
-                      max_length=s.max_length, labels=s.labels if s.task in ("classification", "tagging") else None)
+                      max_length=s.max_length, labels=s.labels if get_task(s.task).LABELLED else None)
     return RunConfig(task=s.task, data=data, train=TrainConfig(eval_batch_size=batch_size,
                                                                 max_new_tokens=s.max_new_tokens))
 

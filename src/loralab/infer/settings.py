@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loralab.errors import LoralabError
+from loralab.files import write_text_atomically
 
 SETTINGS_NAME = "loralab.json"
 TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "tagging", "CAUSAL_LM": "sft"}
@@ -30,8 +31,7 @@ def save_inference_settings(folder: Path, config, data) -> None:
     settings = InferenceSettings(task=config.task, template=data.extra.get("template"), system=config.data.system,
                                  labels=data.labels, max_length=config.data.max_length,
                                  max_new_tokens=config.train.max_new_tokens)
-    (folder / SETTINGS_NAME).write_text(json.dumps(asdict(settings), indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+    write_text_atomically(folder / SETTINGS_NAME, json.dumps(asdict(settings), indent=2, ensure_ascii=False) + "\n")
 
 
 def read_inference_settings(folder: str | Path | None) -> InferenceSettings | None:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralab.errors import LoralabError, did_you_mean
+from loralab.files import write_atomically
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import _modules_to_save_names, apply_lora, lora_layers, saved_modules
 from loralab.lora.layer import LoraLinear, linear_shape
@@ -116,27 +117,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 
 def _write_atomically(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        write(str(tmp))
+        write_atomically(target, write)
     except (OSError, SafetensorError) as e:  # disk full, read-only folder, ...
-        tmp.unlink(missing_ok=True)
         raise LoralabError(f"could not write {target.name} ({getattr(e, 'strerror', None) or e})", file=str(target),
                            fix="free disk space; the previous file, if any, is intact") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict]:

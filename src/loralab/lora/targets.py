@@ -163,3 +163,21 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | s
             fix=f"pick from this model's linear layers: {', '.join(linear_suffixes(model))}",
         )
     return spec, chosen
+
+
+def linear_layer_table(model_config, trust_remote_code: bool = False) -> list[tuple[str, int, str, bool]]:
+    """(name, count, weight shape, default target?) per linear-layer name of a model built from its transformers
+    config on the meta device: the layout only, no weights loaded or allocated (`loralab targets`)."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(model_config, trust_remote_code=trust_remote_code)
+    counts: dict[str, int] = {}
+    shapes: dict[str, str] = {}
+    for name in linear_module_names(model):
+        suffix = name.rsplit(".", 1)[-1]
+        counts[suffix] = counts.get(suffix, 0) + 1
+        shapes.setdefault(suffix, " x ".join(map(str, model.get_submodule(name).weight.shape)))
+    default = DEFAULT_TARGETS.get(model_config.model_type, [])
+    return [(suffix, count, shapes[suffix], suffix in default) for suffix, count in counts.items()]

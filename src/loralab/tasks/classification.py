@@ -10,6 +10,8 @@ from loralab.tasks.evaluation import batches, loss_sum
 from loralab.tasks.metrics import classification_metrics
 
 MAIN_METRIC = "accuracy"
+CAUSAL = False  # an encoder with a head
+LABELLED = True  # a head with one output per label
 
 
 def label_set(records: list[Record], declared: list[str] | None) -> list[str]:

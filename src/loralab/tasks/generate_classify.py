@@ -13,6 +13,8 @@ from loralab.tasks.metrics import classification_metrics
 from loralab.tasks.sft import evaluate as sft_evaluate
 
 MAIN_METRIC = "accuracy"
+CAUSAL = True  # trained as a causal LM: next-token loss, causal attention
+LABELLED = False  # no label head
 
 
 def labelled_turns(record: Record, fmt: str) -> tuple[list[dict], str]:

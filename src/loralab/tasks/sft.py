@@ -9,12 +9,14 @@ from loralab.data.collate import pack_batch, pad_batch, to_device
 from loralab.data.formats import resolve_format, to_conversation
 from loralab.data.records import Record
 from loralab.data.templates import encode_chat, encode_prompt, resolve_template
+from loralab.fast.lm_loss import summed_causal_lm_loss
 from loralab.tasks import TaskData
 from loralab.tasks.evaluation import evaluating, generate
-from loralab.train.lm_loss import summed_causal_lm_loss
 
 log = logging.getLogger("loralab")
 MAIN_METRIC = "loss"
+CAUSAL = True  # trained as a causal LM: next-token loss, causal attention
+LABELLED = False  # no label head
 SAMPLES = 3  # validation prompts answered before and after training
 
 

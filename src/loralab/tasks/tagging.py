@@ -15,6 +15,8 @@ from loralab.tasks.evaluation import batches, loss_sum
 from loralab.tasks.metrics import entity_metrics
 
 MAIN_METRIC = "f1"
+CAUSAL = False  # an encoder with a head
+LABELLED = True  # a head with one output per label
 
 
 def tagged_tokens(record: Record, fmt: str, tokenizer, max_length: int) -> tuple[list[int], list[str | None], bool]:

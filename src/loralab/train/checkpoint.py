@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.errors import LoralabError
+from loralab.files import sync_folder, sync_tree
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -33,15 +34,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_checkpoint(folder: Path, model: nn.Module, state: dict, keep: int) -> Path:
@@ -57,11 +49,11 @@ def save_checkpoint(folder: Path, model: nn.Module, state: dict, keep: int) -> P
         torch.save(state, tmp / STATE)
         sums = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums), encoding="utf-8")
-        _fsync_tree(tmp)
+        sync_tree(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-        _fsync_tree(folder)
+        sync_folder(folder)
     except (OSError, SafetensorError, RuntimeError) as e:  # disk full (torch.save says so as a RuntimeError), ...
         shutil.rmtree(tmp, ignore_errors=True)
         # the weights, and Adam's two moments of each in the state

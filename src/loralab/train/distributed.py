@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loralab.models import transformer_blocks
+
 
 @dataclass(frozen=True)
 class World:
@@ -106,10 +108,8 @@ def shard_frozen_base(loss_module: nn.Module, model: nn.Module, device: torch.de
     for p in trainable:
         p.data = p.data.to(device)  # fully_shard moves what it manages; ignored parameters move here
     mesh = init_device_mesh(device.type, (world.size,))
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, ignored_params=set(trainable))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=set(trainable))
     fully_shard(loss_module, mesh=mesh, ignored_params=set(trainable))
     # FSDP initialises lazily at the root's first forward; evaluation calls the model directly, which would make
     # each block its own root. One tiny forward through the root first.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from loralab.files import write_text_atomically
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -37,8 +39,8 @@ def human_bytes(n: int | None) -> str:
 
 
 def write_report(run_dir: Path, report: dict) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (run_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(run_dir / "report.md", render_markdown(report))
 
 
 def render_markdown(r: dict) -> str:
@@ -50,6 +52,8 @@ def render_markdown(r: dict) -> str:
              f"- data: {r['data']['train_examples']} training / {r['data']['validation_examples']} validation "
              f"examples; truncated to max_length: {r['data'].get('truncated', 0)}; left out (no trainable token): "
              f"{r['data'].get('without_trainable_tokens', 0)}"]
+    if r.get("speedups"):
+        lines.append(f"- speed techniques on: {', '.join(r['speedups'])}")
     if r.get("fresh_modules"):
         lines.append(f"- initialised fresh (missing from the checkpoint) and trained in full: "
                      f"{', '.join(r['fresh_modules'])}")

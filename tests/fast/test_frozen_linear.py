@@ -4,22 +4,22 @@ changes."""
 import pytest
 import torch
 
-import loralab.train.frozen_linear as frozen
+import loralab.fast.frozen_linear as frozen
 from loralab.data.collate import pad_batch
+from loralab.fast.frozen_linear import frozen_linear, use_onednn_for_frozen_linears
+from loralab.fast.lm_loss import causal_lm_loss
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train.frozen_linear import frozen_linear, use_onednn_for_frozen_linears
-from loralab.train.lm_loss import causal_lm_loss
 from tiny_models import tiny_model
 
-pytestmark = pytest.mark.skipif(frozen.ONEDNN_LINEAR is None,
+pytestmark = pytest.mark.skipif(frozen.onednn_linear() is None,
                                 reason="frozen products go through oneDNN on AMD CPUs only")
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
     calls = []
-    real = frozen.ONEDNN_LINEAR
-    monkeypatch.setattr(frozen, "ONEDNN_LINEAR", lambda *args: calls.append(args[0].shape) or real(*args))
+    real = frozen.onednn_linear()
+    monkeypatch.setattr(frozen, "onednn_linear", lambda: lambda *args: calls.append(args[0].shape) or real(*args))
     return calls
 
 
@@ -101,9 +101,12 @@ def test_onednns_kernel_cache_is_kept_small_unless_the_user_sized_it():
     import subprocess
     import sys
 
-    read = "import os, loralab.train.frozen_linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    # set when a model is switched to oneDNN, not at import
+    read = ("import os, torch, loralab.fast.frozen_linear as f; name = 'ONEDNN_PRIMITIVE_CACHE_CAPACITY';"
+            "print(os.environ.get(name)); f.use_onednn_for_frozen_linears(torch.nn.Linear(2, 2));"
+            "print(os.environ[name])")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    for given, kept in ((None, "64"), ("8", "8")):
+    for given, kept in ((None, "None\n64"), ("8", "8\n8")):
         run_env = env if given is None else {**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": given}
         out = subprocess.run([sys.executable, "-c", read], env=run_env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == kept

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-import loralab.train.lm_loss as lm_loss
+import loralab.fast.lm_loss as lm_loss
 from loralab.data.collate import pack_batch, pad_batch
 from loralab.errors import LoralabError
-from loralab.lora import LoraConfig, apply_lora
-from loralab.train.lm_loss import (
+from loralab.fast.lm_loss import (
     LinearCrossEntropy,
     TrainingLoss,
     causal_lm_loss,
@@ -15,7 +14,8 @@ from loralab.train.lm_loss import (
     scored_positions,
     supports_chunked_loss,
 )
-from loralab.train.loop import train_step
+from loralab.lora import LoraConfig, apply_lora
+from loralab.train.step import train_step
 from tiny_models import tiny_model
 
 

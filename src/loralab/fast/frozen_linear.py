@@ -14,6 +14,7 @@ and other CPUs keep torch's linear: on Intel CPUs MKL is tuned, and no Intel hos
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import types
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@functools.cache
 def amd_cpu() -> bool:
     """An x86 CPU made by AMD (Linux names the vendor in /proc/cpuinfo, Windows in platform.processor())."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -34,21 +36,20 @@ def amd_cpu() -> bool:
         return "AuthenticAMD" in platform.processor()
 
 
-ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                 if amd_cpu() and torch.backends.mkldnn.is_available() else None)
-if ONEDNN_LINEAR is not None:
-    # oneDNN keeps the kernel it builds for each product shape, up to 1,024 of them, about 0.45 MiB each. Rows
-    # change length from step to step, so a long run fills the cache (0.45 GiB at SmolLM2's shapes). A step uses
-    # 8-16 shapes, which every layer shares, and keeping 64 is as fast (benchmarks/cpu_matmul.py --lengths: 34.9
-    # against 34.4 s; none kept, 42.6 s). oneDNN reads this when it first builds a kernel; a user's value stands.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+@functools.cache
+def onednn_linear():
+    """oneDNN's linear operator where it is the faster one (an AMD CPU, oneDNN built in), else None. Asked on
+    first use, not at import."""
+    if amd_cpu() and torch.backends.mkldnn.is_available():
+        return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    return None
 
 
 @torch.library.custom_op("loralab::frozen_linear", mutates_args=())
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias through oneDNN, for fp32 on the CPU; weight (out, in) may be a transposed view.
     Differentiable in x only: weight and bias must be frozen."""
-    return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return onednn_linear()(x, weight, bias, "none", [], "")
 
 
 @frozen_linear.register_fake
@@ -70,9 +71,9 @@ frozen_linear.register_autograd(_input_gradient, setup_context=_save_weight)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN where that is faster and changes nothing else (see the module's docstring)."""
-    if (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not weight.requires_grad and (bias is None or not bias.requires_grad)
-            and not torch.is_autocast_enabled("cpu") and x.numel() > 0):
+            and not torch.is_autocast_enabled("cpu") and x.numel() > 0 and onednn_linear() is not None):
         return frozen_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -84,8 +85,13 @@ def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_onednn_for_frozen_linears(model: nn.Module) -> int:
     """Give every nn.Linear of `model` the forward above (it decides per call, so a layer that trains, or moves
     to a GPU, keeps torch's linear); returns how many. Nothing changes where oneDNN's operator is missing."""
-    if ONEDNN_LINEAR is None:
+    if onednn_linear() is None:
         return 0
+    # oneDNN keeps the kernel it builds for each product shape, up to 1,024 of them, about 0.45 MiB each. Rows
+    # change length from step to step, so a long run fills the cache; a step uses 8-16 shapes, which every layer
+    # shares, and keeping 64 is as fast (benchmarks/cpu_matmul.py --lengths). oneDNN reads this when it first
+    # builds a kernel; a user's value stands.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     for layer in layers:
         layer.forward = types.MethodType(linear_forward, layer)

@@ -16,7 +16,8 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
-import loralab.train.causal_attention  # noqa: F401  (registers torch.ops.loralab's attention operators)
+import loralab.fast.causal_attention  # noqa: F401  (registers torch.ops.loralab's attention operators)
+from loralab.models import transformer_blocks
 
 # share of the speed-tuned choice's saved bytes a block may keep; 0.9 drops the dropped copies of x (and other
 # elementwise products) and still keeps attention's output, whose recompute a lower budget starts to buy
@@ -56,29 +57,22 @@ class NeverRecompute(CustomGraphPass):
     def uuid(self) -> bytes:
         # part of the keys of torch's compile caches: graphs cached before our attention's backward (traced into
         # them, not hashed by torch) or these rules changed are not reused
-        return get_hash_for_files((__file__, loralab.train.causal_attention.__file__))
+        return get_hash_for_files((__file__, loralab.fast.causal_attention.__file__))
 
 
 NEVER_RECOMPUTE = NeverRecompute()
 
 
-def compile_model(model, scope: bool | str = True) -> None:
-    """torch.compile for training steps. scope true: each transformer block (the model's `_no_split_modules`) on
-    its own; the blocks repeat, so one compiled graph serves them all and compiling takes seconds, not minutes.
-    scope "model": the model's body (embeddings and all blocks; the output head runs in the chunked loss) as one
-    graph. That takes minutes to compile, as many times the work as there are blocks, but it removes the host
-    work each compiled call costs (guards, wrappers, launching its kernels one call at a time), which is what
-    bounds the steps of a small model on a fast GPU: a 16-block step on tiny shapes takes 66.5 ms eager, 31.4 ms
-    with compiled blocks and 23.5 ms compiled whole on 2 CPU cores (benchmarks/step_host_time.py)."""
-    if scope == "model":
-        modules = [model.base_model]
-    else:
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        modules = [m for m in model.modules() if type(m).__name__ in blocks] or [model]
+def compile_model(model) -> int:
+    """torch.compile for training steps, each transformer block (the model's `_no_split_modules`) on its own: the
+    blocks repeat, so one compiled graph serves them all and compiling takes seconds, not the minutes a graph of
+    the whole model takes. Returns how many modules were compiled."""
+    modules = transformer_blocks(model) or [model]
     for module in modules:
         module.compile(backend=lean_inductor, dynamic=True)  # batches change length
         # Module.compile keeps the compiled call here; wrapped, so that it serves training steps only
         module._compiled_call_impl = compiled_when_training(module, module._compiled_call_impl)
+    return len(modules)
 
 
 def compiled_when_training(module, call):

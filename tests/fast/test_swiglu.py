@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from loralab.fast.swiglu import SiluMul, fuse_swiglu, is_swiglu
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train.swiglu import SiluMul, fuse_swiglu, is_swiglu
 from tiny_models import losses_and_gradients, tiny_model
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.train.forward_source import forward_body, replace_forwards
+from loralab.fast.forward_source import forward_body, replace_forwards
 
 # the forwards this replaces, as transformers writes them (compared as syntax trees); other MLPs are left alone
 SWIGLU_FORWARDS = {

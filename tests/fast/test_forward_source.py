@@ -1,6 +1,6 @@
 from torch import nn
 
-from loralab.train.forward_source import forward_body
+from loralab.fast.forward_source import forward_body
 
 
 class Documented(nn.Module):

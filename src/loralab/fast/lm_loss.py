@@ -16,8 +16,8 @@ from torch import nn
 from loralab.data.collate import pack_batch, to_device
 from loralab.data.templates import IGNORE_INDEX
 from loralab.errors import LoralabError
+from loralab.fast.frozen_linear import linear
 from loralab.tasks.evaluation import evaluating
-from loralab.train.frozen_linear import linear
 
 # model types whose logits are exactly output_embeddings(base_model(...).last_hidden_state): no soft-capping,
 # logit scaling or auxiliary losses (those keep the model's own forward)

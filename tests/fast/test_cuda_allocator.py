@@ -3,8 +3,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loralab.train import cuda_allocator, loop
-from loralab.train.cuda_allocator import SETTINGS, use_expandable_segments
+from loralab.fast import cuda_allocator
+from loralab.fast.cuda_allocator import SETTINGS, use_expandable_segments
+from loralab.train import loop
 
 
 @pytest.fixture

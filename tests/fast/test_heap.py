@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loralab.estimate import resident_bytes
-from loralab.train.heap import release_free_heap
+from loralab.fast.heap import release_free_heap
 
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                  reason="malloc_trim is glibc's, /proc Linux's")
@@ -23,7 +23,7 @@ def test_freed_heap_pages_go_back_to_the_system():
 
 
 def test_trims_inside_a_training_steps_forward_every_few_blocks_and_change_nothing(monkeypatch):
-    import loralab.train.heap as heap
+    import loralab.fast.heap as heap
     from tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6).train()
@@ -52,8 +52,8 @@ def test_trims_inside_a_training_steps_forward_every_few_blocks_and_change_nothi
 
 @linux_glibc
 def test_with_checkpointing_it_also_trims_before_the_backward_pass_enters_a_block(monkeypatch):
-    import loralab.train.heap as heap
-    from loralab.train.loop import enable_checkpointing
+    import loralab.fast.heap as heap
+    from loralab.train.model import enable_checkpointing
     from tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6).train()
@@ -81,10 +81,9 @@ def test_with_checkpointing_it_also_trims_before_the_backward_pass_enters_a_bloc
 @linux_glibc
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_cpu_training_trims_in_the_backward_pass_only_with_checkpointing(tmp_path, checkpointing):
-    import loralab.train.heap as heap
+    import loralab.fast.heap as heap
     from loralab.config import load_config
-    from loralab.tasks import TaskData
-    from loralab.train.loop import setup_model
+    from loralab.train.model import build_model
     from tiny_models import tiny_model
 
     tiny_model("llama", num_hidden_layers=8).save_pretrained(tmp_path)
@@ -92,7 +91,7 @@ def test_cpu_training_trims_in_the_backward_pass_only_with_checkpointing(tmp_pat
         "task": "sft", "model": {"path": str(tmp_path), "dtype": "fp32"}, "data": {"train": "unused.json"},
         "lora": {"target_modules": ["q_proj", "v_proj"]},
         "train": {"device": "cpu", "gradient_checkpointing": checkpointing}})
-    model, _ = setup_model(config, TaskData([], [], labels=None), torch.device("cpu"), torch.float32)
+    model, _, _ = build_model(config)
     hooks = [hook for m in model.modules() for hook in m._forward_hooks.values()
              if getattr(hook, "func", None) is heap._trim_after_block]
     assert len(hooks) == 2 and all(hook.keywords == {"backward": checkpointing} for hook in hooks)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from loralab.fast.rms_norm import fuse_rms_norm, is_rms_norm
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train.rms_norm import fuse_rms_norm, is_rms_norm
 from tiny_models import losses_and_gradients, tiny_model
 
 

@@ -26,6 +26,8 @@ import functools
 
 import torch
 
+from loralab.models import transformer_blocks
+
 TRIM_EVERY = 5  # optimizer steps between trims
 TRIM_EVERY_BLOCKS = 4  # blocks between trims inside a step
 
@@ -53,8 +55,7 @@ def trim_inside_steps(model: torch.nn.Module, every: int = TRIM_EVERY_BLOCKS, ba
     a training step's forward pass, when the block runs on the CPU, and with `backward` also before the backward
     pass goes through that block. For eager training only (compiled blocks would trace the call). Returns how
     many blocks do so."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names][::every]
+    blocks = transformer_blocks(model)[::every]
     if _malloc_trim() is None:
         return 0
     for block in blocks:

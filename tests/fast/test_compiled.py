@@ -6,11 +6,11 @@ from torch._dynamo.utils import counters
 from torch.profiler import profile
 
 from loralab.data.collate import pack_batch, to_device
+from loralab.fast import compiled as compiled_module
+from loralab.fast.causal_attention import use_chunked_attention
+from loralab.fast.compiled import compile_model
+from loralab.fast.swiglu import fuse_swiglu
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train import compiled as compiled_module
-from loralab.train.causal_attention import use_chunked_attention
-from loralab.train.compiled import compile_model
-from loralab.train.swiglu import fuse_swiglu
 from tiny_models import losses_and_gradients, packed_examples, tiny_model
 
 
@@ -39,19 +39,17 @@ def saved_bytes_of_forward(model, ids) -> int:
     return total
 
 
-@pytest.mark.parametrize("scope,graphs", [(True, 2), ("model", 1)])
-def test_compiled_models_give_eager_losses_and_gradients_dropout_masks_included(scope, graphs):
+def test_compiled_models_give_eager_losses_and_gradients_dropout_masks_included():
     # compiled graphs draw the dropout masks from torch's generator in the order eager code does; their causal
     # attention is chunked (as in training), the eager model's one SDPA call. Blocks compile into two graphs (the
-    # first block's input needs no gradient, the others' do), the whole body (train.compile: model) into one;
-    # either serves every length
+    # first block's input needs no gradient, the others' do), which serve every length
     torch._dynamo.reset()
     counters.clear()
     eager = lora_llama(dropout=0.1)
     fuse_swiglu(eager)
     compiled = copy.deepcopy(eager)
     assert use_chunked_attention(compiled)
-    compile_model(compiled, scope)
+    compile_model(compiled)
     for length in (40, 23):
         ids = torch.randint(3, 128, (2, length))
         results = []
@@ -63,7 +61,7 @@ def test_compiled_models_give_eager_losses_and_gradients_dropout_masks_included(
         torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(compiled_grads, grads, atol=1e-5, rtol=1e-4)
     torch._dynamo.reset()
-    assert counters["stats"]["unique_graphs"] == graphs and counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert counters["stats"]["unique_graphs"] == 2 and counters["aot_autograd"]["autograd_cache_bypass"] == 0
 
 
 def test_budget_keeps_fewer_activations_than_the_speed_tuned_partition(monkeypatch):
@@ -113,8 +111,7 @@ def test_blocks_trace_once_into_graphs_the_compile_cache_can_store_and_only_for_
 
 def test_compiled_blocks_attend_packed_rows_one_example_at_a_time():
     # the examples' bounds reach the compiled graphs as inputs: no mask over the rows' whole squares, and one graph
-    # for every packing (the whole body, train.compile: model, takes them the same way; checked once, by hand: a
-    # minute of compiling, cold)
+    # for every packing
     torch._dynamo.reset()
     counters.clear()
     eager = lora_llama(dropout=0.1)

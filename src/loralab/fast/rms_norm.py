@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.train.forward_source import forward_body, replace_forwards
+from loralab.fast.forward_source import forward_body, replace_forwards
 
 # the forward this replaces, as transformers writes it (compared as a syntax tree); other norms are left alone
 RMS_NORM_FORWARD = """input_dtype = hidden_states.dtype

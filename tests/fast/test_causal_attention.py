@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from loralab.data.collate import pack_batch, to_device
+from loralab.fast import causal_attention
+from loralab.fast.causal_attention import chunked_causal_attention, packed_causal_attention, use_chunked_attention
 from loralab.lora import LoraConfig, apply_lora
-from loralab.train import causal_attention
-from loralab.train.causal_attention import chunked_causal_attention, packed_causal_attention, use_chunked_attention
 from tiny_models import losses_and_gradients, packed_examples, tiny_model
 
 

@@ -274,16 +274,14 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
 
-AttentionInterface.register(NAME, attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as SDPA: none where causal suffices
-
-
 def use_chunked_attention(model: nn.Module) -> bool:
     """Switch a model that runs transformers' SDPA attention to the function above; True if it was switched. The
     choice is not written to a saved config.json (transformers keeps it out), so saved models name plain SDPA."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
         return False
+    AttentionInterface.register(NAME, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as SDPA: none where causal suffices
     model.set_attn_implementation(NAME)
     return True
 
