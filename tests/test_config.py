@@ -29,7 +29,8 @@ def test_yaml_and_dotted_overrides_become_typed_config(tmp_path):
     ("train.gradient_checkpointing=-2", "train.gradient_checkpointing", "every N-th layer"),
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing", None),
     ("train.batch_size=big", "train.batch_size", "int or auto"),
-    ("train.compile=whole", "train.compile", "bool"),
+    ("train.compile=whole", "train.compile", None),
+    ("train.max_new_tokens=4", "train.max_new_tokens", "rename it to generate_classify.max_new_tokens"),
     ("train.compile=true train.gradient_checkpointing=2", "train.compile", "use one"),
 ])
 def test_bad_keys_and_values_name_the_key_and_suggest(override, field, fix):

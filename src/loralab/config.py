@@ -54,22 +54,23 @@ def check_ranges(config, prefix: str = "", file: str | None = None) -> None:
 class ModelConfig:
     path: str = ""  # local folder, hub id, or package:<python module>/<sub folder> for a model shipped on PyPI
     gguf_file: str | None = None  # a .gguf file inside `path` (dequantised to a float model by transformers)
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    trust_remote_code: bool = False
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute dtype; auto: bf16 on a GPU that has it, else fp32
+    trust_remote_code: bool = False  # run the model's own Python code from its folder or hub repo
 
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    validation: str | None = None
+    train: str = ""  # the training file: .json, .jsonl, .csv, .tsv or .parquet
+    validation: str | None = None  # a validation file; null: none, or validation_fraction of train
     # held out from train when no validation file is given
     validation_fraction: float = bounded(0.0, 0, 1, high_open=True, fix="use e.g. 0.1")
+    # how records read; auto: from the fields of the first record (see docs/data.md)
     format: Literal["auto", "alpaca", "messages", "text", "classification", "spans", "tokens"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column name
     template: str = "auto"  # auto | alpaca | chatml | llama2 | llama3 | chatglm3 | qwen | a Jinja string
     system: str | None = None  # default system prompt for chat templates
-    max_length: int = bounded(512, 8, fix="use e.g. 512")
-    train_on_prompt: bool = False
+    max_length: int = bounded(512, 8, fix="use e.g. 512")  # tokens per example; longer ones are truncated
+    train_on_prompt: bool = False  # sft: score the prompt tokens too, not only the answers
     packing: bool = False  # sft: several examples per row of max_length tokens, kept apart by position ids
     # causal tasks: each micro-batch's examples end to end in one row, kept apart as packed rows are: the same
     # examples a step as padded batches, in random order, with nothing spent on padding; auto: where the model
@@ -87,20 +88,23 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = bounded(1, 0, low_open=True, fix="use 1 or more")
+    epochs: float = bounded(1, 0, low_open=True, fix="use 1 or more")  # passes over the training data
+    # optimizer steps in all, instead of epochs
     max_steps: int | None = bounded(None, 1, fix="use 1 or more, or null to train train.epochs")
     # auto: the largest that fits memory_budget, up to global_batch
     batch_size: int | Literal["auto"] = bounded(8, 1, fix="use 1 or more, or auto")
-    grad_accum: int = bounded(1, 1, fix="use 1 or more")
+    grad_accum: int = bounded(1, 1, fix="use 1 or more")  # micro-batches per optimizer step
     group_by_length: bool = True  # padded batches of similar lengths (little padding); false: a plain random order
     # with batch_size auto: examples per step (grad_accum makes up the rest)
     global_batch: int | None = bounded(None, 1, fix="use 1 or more")
     memory_budget: str | None = None  # with batch_size auto: the process's (or GPU's) memory, e.g. 24GiB; default: free
+    # peak learning rate (AdamW)
     lr: float = bounded(2e-4, 0, low_open=True, fix="use e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
-    weight_decay: float = bounded(0.0, 0, fix="use 0 to 0.1")
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = bounded(0.0, 0, fix="use 0 to 0.1")  # AdamW's, on the trainable weights
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # learning rate after warmup
     # a fraction of all steps (< 1) or a number of steps (>= 1)
     warmup: float = bounded(0.0, 0, fix="use 0.03 (a fraction) or 100 (steps)")
+    # gradients clipped to this norm; null: no clipping
     max_grad_norm: float | None = bounded(1.0, 0, low_open=True, fix="use e.g. 1.0, or null for no clipping")
     # true: every layer recomputes; N: every N-th (less time, more memory)
     gradient_checkpointing: bool | int = bounded(False, 0,
@@ -109,33 +113,41 @@ class TrainConfig:
     compile: bool = False
     # optimizer steps; the run also evaluates after each epoch
     eval_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
-    eval_batch_size: int = bounded(32, 1, fix="use 1 or more")
+    eval_batch_size: int = bounded(32, 1, fix="use 1 or more")  # examples per batch when evaluating
     best_metric: str = "auto"  # a metric name from the task; auto: the task's main metric
+    # newest checkpoints kept (the best one is kept too)
     keep_checkpoints: int = bounded(2, 0, fix="use 1 or more (0 keeps every checkpoint)")
     # optimizer steps; None: at each evaluation
     checkpoint_every: int | None = bounded(None, 1, fix="use 1 or more, or null")
     # auto: continue from the newest intact checkpoint; ignore-data-changes: even if the data files changed since
     resume: Literal["auto", "never", "ignore-data-changes"] = "auto"
-    overwrite: bool = False
-    log_every: int = bounded(10, 1, fix="use 1 or more")
-    tensorboard: bool = False
-    device: str = "auto"
-    max_new_tokens: int = bounded(16, 1, fix="use 1 or more")  # generate-classify: the longest label generated
+    overwrite: bool = False  # replace a run folder holding another run (only one loralab made)
+    log_every: int = bounded(10, 1, fix="use 1 or more")  # optimizer steps between metrics.jsonl lines
+    tensorboard: bool = False  # also write TensorBoard logs to the run folder
+    device: str = "auto"  # auto (a GPU if there is one), cpu, cuda or cuda:N
+
+
+@dataclass
+class GenerateClassifyConfig:
+    """task: generate-classify, where the model writes each label as text."""
+
+    max_new_tokens: int = bounded(16, 1, fix="use 1 or more")  # the longest label generated, in tokens
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    output_dir: str = "runs"
-    task: Literal["sft", "classification", "tagging", "generate-classify"] = "sft"
-    method: Literal["lora", "full"] = "lora"
-    seed: int = bounded(0, 0, fix="use 0 or more")
+    name: str = "run"  # the run folder's name: output_dir/name
+    output_dir: str = "runs"  # where run folders go
+    task: Literal["sft", "classification", "tagging", "generate-classify"] = "sft"  # see docs/data.md
+    method: Literal["lora", "full"] = "lora"  # full: full fine-tuning, the baseline
+    seed: int = bounded(0, 0, fix="use 0 or more")  # data order, initialisation and dropout
     # several processes (torchrun): ddp replicates the model; fsdp shards the frozen base weights across them (FSDP2)
     distributed: Literal["ddp", "fsdp"] = "ddp"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate_classify: GenerateClassifyConfig = field(default_factory=GenerateClassifyConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -146,6 +158,10 @@ class RunConfig:
 SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
             "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
             "per_device_train_batch_size": "batch_size", "cutoff_len": "max_length", "model_name_or_path": "path"}
+
+
+# keys that moved to another section: old configs get the new name
+MOVED = {"train.max_new_tokens": "generate_classify.max_new_tokens"}
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -210,6 +226,9 @@ def from_dict(cls, data: dict, prefix: str = "", file: str | None = None):
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
+        if where in MOVED:
+            raise LoralabError(f"{where} is now {MOVED[where]}", file=file, field=where,
+                               fix=f"rename it to {MOVED[where]}")
         if key not in names:
             raise LoralabError("unknown config key", file=file, field=where, fix=_closest(str(key), names))
         hint = hints[key]

@@ -41,7 +41,7 @@ def trained(tmp_path_factory, model_dirs):
                     data={"train": str(tags)}, train={"epochs": 20, "batch_size": 4, "lr": 1e-2}),
         "gc": dict(task="generate-classify", model={"path": str(model_dirs["bloom"])},
                    lora={"r": 8, "target_modules": "all-linear"}, data={"train": str(cls), "max_length": 32},
-                   train={"epochs": 12, "batch_size": 4, "lr": 1e-2, "max_new_tokens": 4}),
+                   train={"epochs": 12, "batch_size": 4, "lr": 1e-2}, generate_classify={"max_new_tokens": 4}),
     }
     for name, spec in specs.items():
         config = write_config(root / f"{name}.yaml", name=name, output_dir=str(root / "runs"), **spec)

@@ -68,7 +68,8 @@ def test_generate_classify_learns_labels_by_generation(tmp_path, model_dirs):
                           task="generate-classify", model={"path": str(model_dirs["bloom"])},
                           lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
                           data={"train": str(data), "validation": str(data), "max_length": 32},
-                          train={"epochs": 12, "batch_size": 4, "lr": 1e-2, "max_new_tokens": 6})
+                          train={"epochs": 12, "batch_size": 4, "lr": 1e-2},
+                          generate_classify={"max_new_tokens": 6})
     assert run(config) == 0
     evals = read_report(tmp_path / "runs" / "gc")["evaluations"]
     assert evals[0]["metrics"]["accuracy"] == 0.0 and evals[-1]["metrics"]["accuracy"] == 1.0

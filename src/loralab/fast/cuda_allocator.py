@@ -3,7 +3,7 @@ fixed blocks cut to each request's size. Training steps whose shapes change (pad
 checkpointed step's recomputed blocks) otherwise leave cached blocks too small for the next request, and the
 reserved memory climbs over what the tensors hold: on an H100, Llama-1B shapes at the batch planned for 24 GiB
 with checkpointing reserved 17% more than the tensors' peak (which the planner had within 2%) and ran over the
-budget; with expandable segments 4% more, within it (BENCHMARKS.md, twentieth session). PyTorch leaves it off by
+budget; with expandable segments 4% more, within it (BENCHMARKS.md). PyTorch leaves it off by
 default; torchtune and axolotl turn it on."""
 
 from __future__ import annotations

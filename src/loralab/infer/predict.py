@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loralab.config import DataConfig, RunConfig, TrainConfig
+from loralab.config import DataConfig, GenerateClassifyConfig, RunConfig, TrainConfig
 from loralab.data.records import Record, read_records
 from loralab.data.templates import encode_prompt
 from loralab.errors import LoralabError
@@ -21,8 +21,8 @@ def run_config(loaded: Loaded, path: str, columns: dict | None, batch_size: int)
     s = loaded.settings
     data = DataConfig(train=path, columns=columns or {}, template=s.template or "auto", system=s.system,
                       max_length=s.max_length, labels=s.labels if get_task(s.task).LABELLED else None)
-    return RunConfig(task=s.task, data=data, train=TrainConfig(eval_batch_size=batch_size,
-                                                                max_new_tokens=s.max_new_tokens))
+    return RunConfig(task=s.task, data=data, train=TrainConfig(eval_batch_size=batch_size),
+                     generate_classify=GenerateClassifyConfig(max_new_tokens=s.max_new_tokens))
 
 
 def evaluate_file(loaded: Loaded, path: str, columns: dict | None = None, batch_size: int = 32) -> dict:
@@ -47,10 +47,10 @@ def predict_file(loaded: Loaded, path: str, output: str, columns: dict | None = 
     elif task == "generate-classify":
         prompts = [{"input_ids": fit_prompt(encode_prompt(loaded.tokenizer, config.data.template,
                                                           prompt_turns(r, config.data.system)),
-                                            config.data.max_length - config.train.max_new_tokens)}
+                                            config.data.max_length - config.generate_classify.max_new_tokens)}
                    for r in records]
-        predictions = generate(loaded.model, loaded.tokenizer, prompts, batch_size, config.train.max_new_tokens,
-                               loaded.device, loaded.autocast())
+        predictions = generate(loaded.model, loaded.tokenizer, prompts, batch_size,
+                               config.generate_classify.max_new_tokens, loaded.device, loaded.autocast())
     else:
         raise LoralabError("predict is for classification, tagging and generate-classify adapters",
                            field="--adapter", fix="use `loralab generate` for sft adapters")

@@ -30,7 +30,7 @@ class InferenceSettings:
 def save_inference_settings(folder: Path, config, data) -> None:
     settings = InferenceSettings(task=config.task, template=data.extra.get("template"), system=config.data.system,
                                  labels=data.labels, max_length=config.data.max_length,
-                                 max_new_tokens=config.train.max_new_tokens)
+                                 max_new_tokens=config.generate_classify.max_new_tokens)
     write_text_atomically(folder / SETTINGS_NAME, json.dumps(asdict(settings), indent=2, ensure_ascii=False) + "\n")
 
 

@@ -15,31 +15,22 @@ Init = Literal["kaiming", "gaussian"]
 
 @dataclass
 class LoraConfig:
-    """Settings of one adapter.
+    """Settings of one adapter: W x + (alpha/r) B A x, with A random and B zero at the start."""
 
-    r: rank of the update B·A; alpha: its scale, the update is multiplied by alpha/r (alpha/sqrt(r) with use_rslora).
-    target_modules: None picks the architecture's default; a list matches module names exactly or by suffix
-        (".q_proj"), a string is a regex that must match the whole module name, "all-linear" takes every linear layer
-        except the output head.
-    layers_to_transform / layers_pattern: restrict a list of targets to these layer indices (as PEFT matches them).
-    modules_to_save: modules trained in full and saved with the adapter (e.g. "classifier", "score").
-    bias: which biases train: none, all, or those of the LoRA-wrapped layers (lora_only).
-    init: "kaiming" (uniform, as PEFT) or "gaussian" (normal with std 1/r, as the LoRA paper) for A; B is always zero.
-    rank_pattern / alpha_pattern: per-module r / alpha overriding the defaults, keyed by a regex on the module name.
-    """
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
+    r: int = 8  # rank of the update B·A
+    alpha: float = 16  # scale: the update is multiplied by alpha/r (alpha/sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the adapter's input, in training
+    # null: the architecture's default; a list matches module names exactly or by suffix (q_proj); a string is a
+    # regex that must match the whole module name; all-linear: every linear layer except the output head
     target_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | None = None
-    layers_pattern: str | None = None
-    modules_to_save: list[str] | None = None
-    bias: Bias = "none"
-    use_rslora: bool = False
-    init: Init = "kaiming"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | None = None  # only these block indices (as PEFT counts them)
+    layers_pattern: str | None = None  # the name of the block list, where layers_to_transform cannot tell
+    modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter (e.g. classifier)
+    bias: Bias = "none"  # which biases train: none, all, or those of the adapted layers (lora_only)
+    use_rslora: bool = False  # scale by alpha/sqrt(r) (rank-stabilised LoRA)
+    init: Init = "kaiming"  # A's initialisation: kaiming (uniform, as PEFT) or gaussian (std 1/r, the LoRA paper)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r, keyed by a regex on the module name
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha, keyed the same way
 
     def __post_init__(self):
         def bad(name, message, fix):

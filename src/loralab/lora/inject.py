@@ -48,7 +48,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     """
     if adapter_name in adapter_names(model):
         raise LoralabError(f"the model already has an adapter named {adapter_name!r}",
-                           fix="choose another adapter name or delete the existing adapter first")
+                           fix="choose another adapter name")
     recorded_targets, targets = resolve_targets(model, config)
     for name in targets:
         module = model.get_submodule(name)

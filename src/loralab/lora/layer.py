@@ -135,14 +135,6 @@ class LoraLinear(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [name]
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
-        del self.scaling[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B·A in the layout of the base weight, computed in fp32."""
         a = self.lora_A[name].weight.float()

@@ -28,10 +28,6 @@ class ModulesToSave(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [name]
 
-    def delete_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
     def active_module(self) -> nn.Module:
         # a full module cannot be summed like low-rank updates: the first active adapter that has a copy wins
         if not self.disabled:

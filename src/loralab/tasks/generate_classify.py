@@ -80,5 +80,5 @@ def prepare(config, tokenizer, train_records: list[Record], validation_records: 
 def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:
     loss = sft_evaluate(model, tokenizer, data, config, device, autocast)
     answers = generate(model, tokenizer, data.extra["prompts"], config.train.eval_batch_size,
-                       config.train.max_new_tokens, device, autocast)
+                       config.generate_classify.max_new_tokens, device, autocast)
     return {**loss, **classification_metrics(data.extra["gold"], answers)}
