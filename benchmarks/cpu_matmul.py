@@ -1,5 +1,5 @@
 """The rate of fp32 matrix products on this CPU: torch's linear (MKL on x86) against oneDNN's linear operator,
-which loralab uses for products with frozen weights on AMD CPUs (train/frozen_linear.py), at a model's shapes.
+which loralab uses for products with frozen weights on AMD CPUs (fast/frozen_linear.py), at a model's shapes.
 
     python benchmarks/cpu_matmul.py                       # SmolLM2-135M's shapes, 800 tokens (4 alpaca examples)
     python benchmarks/cpu_matmul.py --hidden 2048 --intermediate 8192 --kv 512 --vocab 128256 --tokens 800

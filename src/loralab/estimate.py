@@ -263,7 +263,7 @@ def headroom(device_type: str, checkpointing: bool | int = False) -> float:
     what the planner cannot count. On a GPU, the CUDA context (0.5 GiB on an H100) and the allocator's cached
     blocks: Llama-1B shapes planned for 24 GiB peaked at 92-93% of it with expandable segments (which `train` turns
     on), and at 105% with checkpointing without them (BENCHMARKS.md). On a CPU, the pages glibc's
-    heap keeps of freed tensors between the trims of train/heap.py: the peak RSS rose 6-24% above the planned total
+    heap keeps of freed tensors between the trims of fast/heap.py: the peak RSS rose 6-24% above the planned total
     without checkpointing and 8-104% with it, where the blocks recomputed between two trims all leave pages behind
     (SmolLM2 and an 8-layer llama, 1-47 rows of 512 tokens; BENCHMARKS.md). With these shares the peaks came to
     50-90% of their budgets. Trimming after every block instead took 12-25% longer steps on SmolLM2, so the budget

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from loralab.config import RunConfig, load_config
+from loralab.config import RunConfig, load_config, to_dict
 from loralab.errors import LoralabError
+from loralab.train.resume import WATCHING, config_differences
 
 
 def parse_grid(grid: list[str]) -> list[tuple[tuple[str, ...], list[tuple]]]:
@@ -80,14 +81,11 @@ def plan(config_path: str, grid: list[str], overrides: list[str]) -> list[tuple[
 
 def is_finished(config: RunConfig) -> bool:
     """Done, with this very config (a changed config is left to `train`, which refuses to mix two runs)."""
-    from loralab.config import to_dict
-    from loralab.train.resume import WATCHING, _differences
-
     saved = config.run_dir / "config.yaml"
     if not (config.run_dir / "report.json").is_file() or not saved.is_file():
         return False
     old = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    return all(key in WATCHING for key, _, _ in _differences(old, to_dict(config)))
+    return all(key in WATCHING for key, _, _ in config_differences(old, to_dict(config)))
 
 
 def run_sweep(config_path: str, grid: list[str], overrides: list[str], console) -> list[Path]:

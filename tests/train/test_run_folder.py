@@ -42,6 +42,7 @@ def test_names_that_leave_output_dir_are_refused_and_nothing_is_deleted(tmp_path
 def test_overwrite_replaces_a_run_but_never_a_folder_loralab_did_not_make(tmp_path, model_dirs, capsys):
     runs = tmp_path / "runs"
     config = config_for(tmp_path, model_dirs, runs)
+    assert main(["train", str(config), "train.overwrite=true", "name=fresh"]) == 0  # nothing to replace yet
     (runs / "r").mkdir(parents=True)
     (runs / "r" / "thesis.tex").write_text("two years of work")
     assert main(["train", str(config), "train.overwrite=true"]) == USER_ERROR

@@ -69,7 +69,7 @@ class DroppedDown(torch.autograd.Function):
 def dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """(x * keep) @ Aᵀ with keep_mask's fast mask, and the scale 1 / (1 - p) that makes it dropout(x) @ Aᵀ.
     Compiled blocks take the same ops without the autograd.Function: their partitioner picks what to keep
-    (train/compiled.py), and AOTAutograd's cache cannot store a graph that holds one, so every run would trace and
+    (fast/compiled.py), and AOTAutograd's cache cannot store a graph that holds one, so every run would trace and
     compile its blocks afresh."""
     keep, scale = keep_mask(x.shape, p, x.device)
     if torch.compiler.is_compiling():

@@ -49,7 +49,7 @@ def check_run_dir(config: RunConfig) -> bool:
         old = to_dict(load_config(saved))
     except LoralabError:
         pass
-    differences = [d for d in _differences(old, to_dict(config))
+    differences = [d for d in config_differences(old, to_dict(config))
                    if d[0] not in WATCHING and not (d[0] in LENGTH and _longer(d[1], d[2]))]
     if differences:
         listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in differences[:3])
@@ -87,13 +87,14 @@ def open_run_dir(config: RunConfig) -> None:
     save_config(config, run_dir / "config.yaml")
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every setting that differs between two config dicts."""
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{name}.")
+            out += config_differences(a, b, f"{name}.")
         elif a != b:
             out.append((name, a, b))
     return out

@@ -55,8 +55,8 @@ def is_run_folder(folder: Path) -> bool:
 
 def empty_run_folder(folder: Path) -> None:
     """Delete what a run folder holds (train.overwrite); anything that is not a loralab run is refused."""
-    if not folder.exists():
-        return
+    if not folder.exists() or (not folder.is_symlink() and (folder / LOCK).is_file() and not run_files(folder)):
+        return  # nothing there yet but this run's own lock
     if folder.is_symlink() or not folder.is_dir() or not is_run_folder(folder):
         raise LoralabError("train.overwrite only replaces a folder that loralab made for a run, and this one is "
                            f"not (it has no {MARKER} file)", file=str(folder),
