@@ -194,6 +194,29 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {out}")
 
 
+def cmd_serve(args) -> None:
+    """An OpenAI-compatible HTTP server for the base model and its adapters."""
+    try:
+        import uvicorn
+
+        from loralab.serve.app import create_app
+    except ImportError:
+        raise LoralabError("serving needs FastAPI and uvicorn", fix="pip install 'loralab[serve]'") from None
+    loaded = _load(args)
+    base_name = args.name or Path(args.model.rstrip("/")).name
+    if base_name in loaded.adapters:
+        raise LoralabError(f"the base model's name {base_name!r} is also an adapter's", field="--name",
+                           fix="give the base another name with --name")
+    app = create_app(loaded, base_name, api_key=args.api_key or os.environ.get("LORALAB_API_KEY"),
+                     max_batch=args.max_batch, max_waiting=args.max_waiting)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("LORALAB_API_KEY")):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"serving {base_name} and {', '.join(loaded.adapters) or 'no adapters'} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_sweep(args) -> None:
     from rich.console import Console
 
@@ -296,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", "--output", required=True, help="the merged model's folder")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(run=cmd_merge)
+    serve = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server: the base model and its adapters")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (default: $LORALAB_API_KEY)")
+    serve.add_argument("--name", help="the base model's name in requests (default: the model folder's name)")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests; more get HTTP 429")
+    serve.set_defaults(run=cmd_serve)
     sweep = verbs.add_parser("sweep", help="one run per combination of --grid values, then a comparison")
     sweep.add_argument("config")
     sweep.add_argument("overrides", nargs="*", help="key=value settings for every variant")

@@ -117,6 +117,40 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
 
 
 @contextmanager
+def row_adapters(model: nn.Module, names: list[str | None]):
+    """Within this block, row i of every batch uses adapter names[i] (None: the base model alone): requests for
+    several adapters share one batch. Merged adapters are unmerged first; modules_to_save heads cannot differ per
+    row, so all rows must then name the same adapter.
+
+    Example:
+        with row_adapters(model, ["sql", None, "chat"]):
+            logits = model(input_ids).logits   # three rows, three models
+    """
+    unknown = [n for n in names if n is not None and n not in adapter_names(model)]
+    if unknown:
+        raise LoralabError(f"unknown adapter {unknown[0]!r}", fix=did_you_mean(unknown[0], adapter_names(model)))
+    layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    if wrappers and len(set(names)) > 1:
+        raise LoralabError("adapters with modules_to_save (trained heads) cannot be mixed in one batch",
+                           fix="send each adapter's rows in a batch of their own")
+    previous = [w.active_adapters for w in wrappers]
+    for layer in layers:
+        if layer.merged_adapters:
+            layer.unmerge()
+        layer.row_adapters = list(names)
+    for wrapper in wrappers:
+        wrapper.active_adapters = [n for n in names[:1] if n is not None]
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+        for wrapper, active in zip(wrappers, previous, strict=True):
+            wrapper.active_adapters = active
+
+
+@contextmanager
 def disable_adapters(model: nn.Module):
     """Within this block the model computes exactly as the base model did.
 

@@ -104,6 +104,7 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.row_adapters: list[str | None] | None = None  # set by inject.row_adapters
         self.disabled = False
         self.train(base_layer.training)  # wrapping a model in eval mode keeps it in eval mode
 
@@ -166,6 +167,8 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x)
         result = self.base_layer(x)
+        if self.row_adapters is not None:
+            return self.add_per_row(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
@@ -184,6 +187,21 @@ class LoraLinear(nn.Module):
                 result = flat.view(result.shape)
             else:
                 result = result + (F.linear(hidden, b) * alpha).to(result.dtype)
+        return result
+
+    def add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each batch row takes its own adapter (`row_adapters[row]`, None: the base alone), as S-LoRA and Punica
+        serve many adapters in one batch: the rows of each adapter go through its two products together."""
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(self.row_adapters):
+            if name is not None and name in self.lora_A:
+                rows.setdefault(name, []).append(row)
+        for name, index in rows.items():
+            index = torch.tensor(index, device=x.device)
+            a = self.lora_A[name].weight.to(x.dtype)
+            b = self.lora_B[name].weight.to(x.dtype)
+            update = F.linear(F.linear(x.index_select(0, index), a), b) * self.scaling[name]
+            result = result.index_add(0, index, update.to(result.dtype))
         return result
 
     def extra_repr(self) -> str:

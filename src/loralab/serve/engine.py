@@ -1,0 +1,188 @@
+"""Continuous batching of decode steps: every active request advances one token per forward pass, new requests
+join between steps, finished ones leave, and each row uses its own adapter (or none) in the same batch.
+
+A request's prompt is prefilled alone (its own adapter active), then its key-value cache joins the batch's, padded
+on the left to the batch's length; attention masks keep the padding out. One thread owns the model: HTTP handlers
+only put requests in the bounded queue and read their tokens from each request's own queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from loralab.lora.inject import row_adapters
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None  # None: the base model
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_ids: set[int] = field(default_factory=set)
+    seed: int | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)  # token ids, then None at the end
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server admits: answered with HTTP 429."""
+
+
+class Engine:
+    def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int = 32, max_waiting: int = 256,
+                 autocast=contextlib.nullcontext):
+        self.model, self.eos_ids, self.device, self.autocast = model, eos_ids, device, autocast
+        self.max_batch = max_batch
+        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
+        self.lock = threading.Lock()  # held while the model runs; adapter loads take it too
+        self.active: list[Request] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached length]: 0 for left padding
+        self.last: torch.Tensor | None = None  # [rows, 1]: each row's newest token
+        self.largest_batch = 0  # the most requests one decode step has advanced together
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def submit(self, request: Request) -> Request:
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull from None
+        return request
+
+    # the loop -----------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            if not self.active:
+                try:
+                    first = self.waiting.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self._admit(first)
+            while len(self.active) < self.max_batch:
+                try:
+                    self._admit(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            if self.active:
+                self._step()
+
+    @torch.no_grad()
+    def _admit(self, request: Request) -> None:
+        if request.cancelled.is_set():
+            request.events.put(None)
+            return
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        with self.lock, row_adapters(self.model, [request.adapter]), self.autocast():
+            out = self.model(input_ids=ids, use_cache=True)
+        token = self._sample(out.logits[:, -1], [request])[0]
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
+        self._join(layers, mask, request)
+        self._emit(len(self.active) - 1, token)
+        self._drop_finished()
+
+    def _join(self, layers, mask: torch.Tensor, request: Request) -> None:
+        if self.cache is None:
+            self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+            self.mask, self.active = mask, [request]
+            self.last = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        joined = []
+        for (k, v), layer in zip(layers, self.cache.layers, strict=True):
+            joined.append((torch.cat([_left_pad(layer.keys, length), _left_pad(k, length)]),
+                           torch.cat([_left_pad(layer.values, length), _left_pad(v, length)])))
+        self.cache = DynamicCache(ddp_cache_data=joined, config=self.model.config)
+        self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(mask, length, dim=1)])
+        self.last = torch.cat([self.last, torch.zeros(1, 1, dtype=torch.long, device=self.device)])
+        self.active.append(request)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        self.largest_batch = max(self.largest_batch, len(self.active))
+        mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long, device=self.device)], dim=1)
+        positions = (self.mask.sum(1, keepdim=True))  # each row's real tokens so far: the next position
+        with self.lock, row_adapters(self.model, [r.adapter for r in self.active]), self.autocast():
+            out = self.model(input_ids=self.last, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True)
+        self.cache, self.mask = out.past_key_values, mask
+        tokens = self._sample(out.logits[:, -1], self.active)
+        for row, token in enumerate(tokens):
+            self._emit(row, token)
+        self._drop_finished()
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        tokens = []
+        for row, request in enumerate(requests):
+            scores = logits[row].float()
+            if request.temperature <= 0:
+                tokens.append(int(scores.argmax()))
+                continue
+            probs = torch.softmax(scores / request.temperature, dim=-1)
+            if request.top_p < 1:
+                sorted_probs, order = probs.sort(descending=True)
+                cut = sorted_probs.cumsum(0) - sorted_probs > request.top_p
+                sorted_probs[cut] = 0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            generator = None
+            if request.seed is not None:
+                generator = torch.Generator(device=probs.device).manual_seed(request.seed + len(request.generated))
+            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+        return tokens
+
+    def _emit(self, row: int, token: int) -> None:
+        request = self.active[row]
+        self.last[row, 0] = token
+        if request.cancelled.is_set():
+            request.finish_reason = "cancelled"
+            return
+        if token in self.eos_ids or token in request.stop_ids:
+            request.finish_reason = "stop"
+            return
+        request.generated.append(token)
+        request.events.put(token)
+        if len(request.generated) >= request.max_tokens:
+            request.finish_reason = "length"
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self.active) if r.finish_reason is None]
+        if len(keep) == len(self.active):
+            return
+        for request in self.active:
+            if request.finish_reason is not None:
+                request.events.put(None)
+        if not keep:
+            self.active, self.cache, self.mask, self.last = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.last = self.mask[index], self.last[index]
+        self.active = [self.active[i] for i in keep]
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
