@@ -33,12 +33,18 @@ def batches(model, examples: list[dict], pad_id: int, batch_size: int, device, a
             yield batch, output
 
 
+def scored_items(labels: torch.Tensor) -> int:
+    """How many items an encoder batch's mean loss averages over: examples (one label each), or labelled tokens
+    (causal LMs count their scored positions instead)."""
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels != -100).sum())
+
+
 def loss_sum(loss: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """(summed loss, number of scored items) from an encoder batch's mean loss, so averages weight every item
     equally (causal LMs: lm_loss.summed_causal_lm_loss)."""
-    if labels.dim() == 1:  # one label per example
-        return loss.item() * labels.numel(), labels.numel()
-    n = int((labels != -100).sum())
+    n = scored_items(labels)
     return loss.item() * n, n
 
 

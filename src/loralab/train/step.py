@@ -8,6 +8,7 @@ import torch
 
 from loralab.data.collate import pack_batch, pad_batch, to_device
 from loralab.fast.lm_loss import scored_positions
+from loralab.tasks.evaluation import scored_items
 from loralab.train.distributed import SINGLE_PROCESS, World, sum_over_ranks
 
 
@@ -48,14 +49,6 @@ def train_step(loss_module, micro: list[list[list[dict]]], pad_id: int, device, 
     loss_value = torch.stack(losses).sum().item()  # the step's one wait for the device
     tokens = sum(len(e["input_ids"]) for rows in micro for row in rows for e in row)
     return loss_value, tokens
-
-
-def scored_items(labels: torch.Tensor) -> int:
-    """How many items a batch's mean loss averages over, outside causal LMs (whose count is their scored
-    positions): examples (one label each), or labelled tokens."""
-    if labels.dim() == 1:
-        return labels.numel()
-    return int((labels != -100).sum())
 
 
 def optimizer_step(optimizer, scheduler, scaler, max_grad_norm: float | None) -> None:
