@@ -245,3 +245,24 @@ def test_impossible_config_values_are_refused(kwargs, field):
     with pytest.raises(LoralabError) as err:
         LoraConfig(**kwargs)
     assert err.value.field == field and err.value.fix
+
+
+def test_delete_adapter_leaves_the_model_as_if_it_was_never_added():
+    from loralab import delete_adapter
+    from loralab.lora.inject import lora_layers
+
+    model = tiny_model("bert").eval()
+    inputs = sample_inputs(model)
+    apply_lora(model, LoraConfig(r=4, modules_to_save=["classifier"]), "keep")
+    apply_lora(model, LoraConfig(r=2, modules_to_save=["classifier"]), "gone")
+    randomize_adapters(model)
+    set_active_adapters(model, "keep")
+    kept = logits(model, inputs)
+    set_active_adapters(model, "gone")
+    assert not torch.equal(logits(model, inputs), kept)
+    delete_adapter(model, "gone")
+    set_active_adapters(model, "keep")
+    assert torch.equal(logits(model, inputs), kept)
+    assert "gone" not in model.lora_configs and all("gone" not in m.lora_A for _, m in lora_layers(model))
+    with pytest.raises(LoralabError, match="did you mean 'keep'"):
+        delete_adapter(model, "kep")

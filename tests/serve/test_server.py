@@ -190,3 +190,26 @@ def test_the_documented_client_snippet_runs(server, capsys):
     snippet = doc.split("```python\n")[1].split("```")[0]
     exec(snippet.replace("http://127.0.0.1:8000", server["url"]).replace('"KEY"', f'"{KEY}"'), {})
     assert capsys.readouterr().out.endswith("\n")  # the answer was printed
+
+
+def test_adapters_load_and_unload_while_serving_and_a_failed_load_changes_nothing(server, tmp_path):
+    client, headers = server["client"], {"Authorization": f"Bearer {KEY}"}
+    extra = randomized_adapter(server["base"], tmp_path / "extra", 3)
+    before = [m.id for m in client.models.list().data]
+    bad = httpx.post(server["url"] + "/admin/adapters", json={"name": "broken", "path": str(tmp_path / "nope")},
+                     headers=headers)
+    assert bad.status_code == 400 and [m.id for m in client.models.list().data] == before
+    assert httpx.post(server["url"] + "/admin/adapters", json={"name": "sql", "path": str(extra)},
+                      headers=headers).status_code == 409
+    assert httpx.post(server["url"] + "/admin/adapters", json={"name": "extra", "path": str(extra)},
+                      headers=headers).status_code == 200
+    assert [m.id for m in client.models.list().data] == [*before, "extra"]
+    answer = client.chat.completions.create(model="extra", messages=[{"role": "user", "content": "hello there"}],
+                                            max_tokens=8, temperature=0).choices[0].message.content
+    assert answer == reference_answer(server["base"], {"extra": str(extra)}, "extra", "hello there", 8)
+    assert httpx.delete(server["url"] + "/admin/adapters/extra", headers=headers).status_code == 200
+    assert [m.id for m in client.models.list().data] == before
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="extra", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert httpx.delete(server["url"] + "/admin/adapters/base", headers=headers).status_code == 400
+    assert httpx.delete(server["url"] + "/admin/adapters/extra").status_code == 401

@@ -89,7 +89,7 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
         if not Path(path).is_dir():
             raise LoralabError("adapter folder not found", file=path, field=f"adapter {name}",
                                fix="point at the adapter/ folder of a run")
-    all_settings = {name: _settings(path) for name, path in adapters.items()}
+    all_settings = {name: adapter_inference_settings(path) for name, path in adapters.items()}
     first = next(iter(adapters.values()), None)
     settings = next(iter(all_settings.values()), None) or InferenceSettings()
     tasks = {name: s.task for name, s in all_settings.items()}
@@ -128,7 +128,7 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     return loaded
 
 
-def _settings(adapter: str) -> InferenceSettings:
+def adapter_inference_settings(adapter: str) -> InferenceSettings:
     """The adapter's inference settings; a classifier saved without labels (by PEFT) gets '0', '1', ... per head row."""
     settings = read_inference_settings(adapter) or InferenceSettings()
     if get_task(settings.task).LABELLED and not settings.labels:

@@ -116,6 +116,28 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
         wrapper.active_adapters = list(names)
 
 
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from the model in place (its LoRA weights and its copies of modules_to_save); the
+    model computes as if it had never been added."""
+    if name not in adapter_names(model) and name not in getattr(model, "lora_configs", {}):
+        raise LoralabError(f"unknown adapter {name!r}", fix=did_you_mean(name, adapter_names(model)))
+    for _, layer in lora_layers(model):
+        if name in layer.merged_adapters:
+            layer.unmerge()
+        for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+            if name in table:
+                del table[name]
+        layer.scaling.pop(name, None)
+        layer.active_adapters = [a for a in layer.active_adapters if a != name]
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+        wrapper.active_adapters = [a for a in wrapper.active_adapters if a != name]
+    configs = dict(getattr(model, "lora_configs", {}))
+    configs.pop(name, None)
+    model.lora_configs = configs
+
+
 @contextmanager
 def row_adapters(model: nn.Module, names: list[str | None]):
     """Within this block, row i of every batch uses adapter names[i] (None: the base model alone): requests for

@@ -23,9 +23,11 @@ from pydantic import BaseModel
 
 from loralab.data.records import Record
 from loralab.data.templates import encode_prompt
+from loralab.errors import LoralabError
 from loralab.infer.generate import chat_template
-from loralab.infer.load import Loaded
+from loralab.infer.load import Loaded, adapter_inference_settings
 from loralab.infer.predict import predict_tags, run_config
+from loralab.lora import delete_adapter, load_adapter
 from loralab.serve.engine import Engine, QueueFull
 from loralab.serve.engine import Request as Generation
 from loralab.tasks import get_task
@@ -60,6 +62,11 @@ class ChatBody(Sampling):
 
 class CompletionBody(Sampling):
     prompt: str | list[str]
+
+
+class AdapterBody(BaseModel):
+    name: str
+    path: str
 
 
 class ClassifyBody(BaseModel):
@@ -187,6 +194,32 @@ def create_app(loaded: Loaded, base_name: str, api_key: str | None = None, max_b
                 "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
                             for i, c in enumerate(choices)]}
 
+    @app.post("/admin/adapters")
+    async def load(body: AdapterBody):
+        """Load an adapter while serving; a load that fails (a bad folder, another base) leaves the server as it was."""
+        if body.name == base_name or body.name in loaded.adapters:
+            raise ApiError(409, f"the name {body.name!r} is taken", "name", "conflict")
+        try:
+            await asyncio.to_thread(_load_adapter, loaded, engine, body.name, body.path)
+        except LoralabError as e:
+            raise ApiError(400, str(e), "path") from None
+        return {"loaded": body.name, "models": [base_name, *loaded.adapters]}
+
+    @app.delete("/admin/adapters/{name}")
+    async def unload(name: str):
+        if name == base_name:
+            raise ApiError(400, "the base model cannot be unloaded", "name")
+        adapter_of(name)
+        with engine.lock:
+            busy = [r for r in [*engine.active, *list(engine.waiting.queue)] if r.adapter == name]
+            if busy:
+                raise ApiError(409, f"{len(busy)} requests for {name!r} are in progress; retry when they finish",
+                               "name", "conflict")
+            delete_adapter(loaded.model, name)
+            loaded.adapters.remove(name)
+            loaded.adapter_settings.pop(name, None)
+        return {"unloaded": name, "models": [base_name, *loaded.adapters]}
+
     @app.post("/v1/classify")
     async def classify(body: ClassifyBody):
         if not get_task(loaded.settings.task).LABELLED:
@@ -202,6 +235,16 @@ def create_app(loaded: Loaded, base_name: str, api_key: str | None = None, max_b
         return {"object": "list", "model": body.model, "data": results}
 
     return app
+
+
+def _load_adapter(loaded: Loaded, engine: Engine, name: str, path: str) -> None:
+    settings = adapter_inference_settings(path)
+    if get_task(settings.task).CAUSAL != get_task(loaded.settings.task).CAUSAL:
+        raise LoralabError(f"a {settings.task} adapter needs another model head than this server's", file=path)
+    with engine.lock:
+        load_adapter(loaded.model, path, adapter_name=name)  # checked whole before the model is touched
+        loaded.adapters.append(name)
+        loaded.adapter_settings[name] = settings
 
 
 def _classify(loaded: Loaded, engine: Engine, name: str, texts: list[str]) -> list[dict]:

@@ -9,6 +9,7 @@ only put requests in the bounded queue and read their tokens from each request's
 from __future__ import annotations
 
 import contextlib
+import inspect
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Engine:
     def __init__(self, model, eos_ids: set[int], device: torch.device, max_batch: int = 32, max_waiting: int = 256,
                  autocast=contextlib.nullcontext):
         self.model, self.eos_ids, self.device, self.autocast = model, eos_ids, device, autocast
+        # transformers 5 names the key-value cache `cache`; earlier versions `past_key_values`
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_batch = max_batch
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
         self.lock = threading.Lock()  # held while the model runs; adapter loads take it too
@@ -94,7 +97,7 @@ class Engine:
         with self.lock, row_adapters(self.model, [request.adapter]), self.autocast():
             out = self.model(input_ids=ids, use_cache=True)
         token = self._sample(out.logits[:, -1], [request])[0]
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
         mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
         self._join(layers, mask, request)
         self._emit(len(self.active) - 1, token)
@@ -122,13 +125,18 @@ class Engine:
         mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=torch.long, device=self.device)], dim=1)
         positions = (self.mask.sum(1, keepdim=True))  # each row's real tokens so far: the next position
         with self.lock, row_adapters(self.model, [r.adapter for r in self.active]), self.autocast():
-            out = self.model(input_ids=self.last, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True)
-        self.cache, self.mask = out.past_key_values, mask
+            out = self.model(input_ids=self.last, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self.cache_arg: self.cache})
+        self.cache, self.mask = self._cache_of(out), mask
         tokens = self._sample(out.logits[:, -1], self.active)
         for row, token in enumerate(tokens):
             self._emit(row, token)
         self._drop_finished()
+
+    @staticmethod
+    def _cache_of(output) -> DynamicCache:
+        cache = getattr(output, "cache", None)
+        return cache if cache is not None else output.past_key_values
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         tokens = []
