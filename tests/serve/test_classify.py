@@ -50,3 +50,20 @@ def test_classify_gives_each_adapters_labels_and_scores(tmp_path, model_dirs):
         assert client.post("/v1/classify", json={"model": "bert", "input": "x"}).status_code == 400
         assert client.post("/v1/classify", json={"model": "topci", "input": "x"}).status_code == 404
         assert client.post("/v1/classify", json={"model": "topic", "input": []}).status_code == 400
+
+
+def test_classify_on_a_tagging_adapter_gives_spans(tmp_path, model_dirs):
+    from transformers import AutoModelForTokenClassification
+
+    labels = ["B-LOC", "I-LOC", "O"]
+    tagger = AutoModelForTokenClassification.from_pretrained(str(model_dirs["bert"]), num_labels=len(labels))
+    apply_lora(tagger, LoraConfig(r=2, modules_to_save=["classifier"]))
+    with torch.no_grad():
+        tagger.classifier.modules_to_save["default"].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # tags all B-LOC
+    save_adapter(tagger, tmp_path / "tags")
+    (tmp_path / "tags" / "loralab.json").write_text(json.dumps({"task": "tagging", "labels": labels}))
+    loaded = load_for_inference(str(model_dirs["bert"]), {"places": str(tmp_path / "tags")}, device="cpu")
+    with TestClient(create_app(loaded, "bert")) as client:
+        rows = client.post("/v1/classify", json={"model": "places", "input": "paris rome"}).json()["data"]
+    spans = rows[0]["spans"]
+    assert spans and all(s["label"] == "LOC" and "paris rome"[s["start"]:s["end"]] == s["text"] for s in spans)

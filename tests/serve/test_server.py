@@ -213,3 +213,17 @@ def test_adapters_load_and_unload_while_serving_and_a_failed_load_changes_nothin
         client.chat.completions.create(model="extra", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert httpx.delete(server["url"] + "/admin/adapters/base", headers=headers).status_code == 400
     assert httpx.delete(server["url"] + "/admin/adapters/extra").status_code == 401
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    engine, headers = server["engine"], {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 60, "stream": True,
+            "temperature": 1.0, "seed": 1}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, headers=headers) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # one piece of text, then the client goes away
+    deadline = time.time() + 20
+    while engine.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.active  # cancelled, not decoded to its 60 tokens for nobody
