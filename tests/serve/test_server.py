@@ -85,15 +85,19 @@ def test_each_adapter_answers_as_loralab_generate_does_and_requests_switch_adapt
 
 
 def test_concurrent_requests_for_mixed_adapters_share_batches_and_keep_their_answers(server):
+    # prompts of different lengths: prefilled together, left-padded, each row with its own adapter
     client = server["client"]
-    alone = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
-                                                  max_tokens=10, temperature=0).choices[0].message.content
-             for name in ("base", "sql", "chat")}
+    prompts = {"base": "hi", "sql": "tell me more about it please", "chat": "x y"}
+
+    def answer(name):
+        return client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompts[name]}],
+                                              max_tokens=10, temperature=0).choices[0].message.content
+
+    alone = {name: answer(name) for name in prompts}
     results = {}
 
     def ask(i, name):
-        results[i] = (name, client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
-                                                           max_tokens=10, temperature=0).choices[0].message.content)
+        results[i] = (name, answer(name))
 
     threads = [threading.Thread(target=ask, args=(i, ["base", "sql", "chat"][i % 3])) for i in range(6)]
     for t in threads:

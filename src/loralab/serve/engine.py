@@ -1,8 +1,9 @@
 """Continuous batching of decode steps: every active request advances one token per forward pass, new requests
 join between steps, finished ones leave, and each row uses its own adapter (or none) in the same batch.
 
-A request's prompt is prefilled alone (its own adapter active), then its key-value cache joins the batch's, padded
-on the left to the batch's length; attention masks keep the padding out. One thread owns the model: HTTP handlers
+The prompts of the requests that arrived since the last step are prefilled together (each row with its own
+adapter), then their key-value caches join the batch's, padded on the left to the batch's length; attention masks
+keep the padding out. One thread owns the model: HTTP handlers
 only put requests in the bounded queue and read their tokens from each request's own queue.
 """
 
@@ -75,40 +76,53 @@ class Engine:
 
     def _run(self) -> None:
         while not self.stopped.is_set():
+            new = []
             if not self.active:
                 try:
-                    first = self.waiting.get(timeout=0.05)
+                    new.append(self.waiting.get(timeout=0.05))
                 except queue.Empty:
                     continue
-                self._admit(first)
-            while len(self.active) < self.max_batch:
+            while len(self.active) + len(new) < self.max_batch:
                 try:
-                    self._admit(self.waiting.get_nowait())
+                    new.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
+            if new:
+                self._admit(new)
             if self.active:
                 self._step()
 
     @torch.no_grad()
-    def _admit(self, request: Request) -> None:
-        if request.cancelled.is_set():
-            request.events.put(None)
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the new requests' prompts together (left-padded, each with its own adapter), then join them."""
+        for request in requests:
+            if request.cancelled.is_set():
+                request.events.put(None)
+        requests = [r for r in requests if not r.cancelled.is_set()]
+        if not requests:
             return
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        with self.lock, row_adapters(self.model, [request.adapter]), self.autocast():
-            out = self.model(input_ids=ids, use_cache=True)
-        token = self._sample(out.logits[:, -1], [request])[0]
+        length = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), length, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(requests), length, dtype=torch.long, device=self.device)
+        for row, request in enumerate(requests):
+            ids[row, length - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, device=self.device)
+            mask[row, length - len(request.prompt_ids):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with self.lock, row_adapters(self.model, [r.adapter for r in requests]), self.autocast():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        tokens = self._sample(out.logits[:, -1], requests)
         layers = [(layer.keys, layer.values) for layer in self._cache_of(out).layers]
-        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
-        self._join(layers, mask, request)
-        self._emit(len(self.active) - 1, token)
+        self._join(layers, mask, requests)
+        first = len(self.active) - len(requests)
+        for row, token in enumerate(tokens):
+            self._emit(first + row, token)
         self._drop_finished()
 
-    def _join(self, layers, mask: torch.Tensor, request: Request) -> None:
+    def _join(self, layers, mask: torch.Tensor, requests: list[Request]) -> None:
+        new_last = torch.zeros(len(requests), 1, dtype=torch.long, device=self.device)
         if self.cache is None:
             self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-            self.mask, self.active = mask, [request]
-            self.last = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.mask, self.active, self.last = mask, list(requests), new_last
             return
         length = max(self.mask.shape[1], mask.shape[1])
         joined = []
@@ -117,8 +131,8 @@ class Engine:
                            torch.cat([_left_pad(layer.values, length), _left_pad(v, length)])))
         self.cache = DynamicCache(ddp_cache_data=joined, config=self.model.config)
         self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(mask, length, dim=1)])
-        self.last = torch.cat([self.last, torch.zeros(1, 1, dtype=torch.long, device=self.device)])
-        self.active.append(request)
+        self.last = torch.cat([self.last, new_last])
+        self.active.extend(requests)
 
     @torch.no_grad()
     def _step(self) -> None:
