@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import time
 import uuid
 from dataclasses import dataclass
@@ -272,7 +273,7 @@ async def _next_event(generation: Generation):
     while True:
         try:
             return generation.events.get_nowait()
-        except Exception:  # queue.Empty
+        except queue.Empty:
             await asyncio.sleep(0.002)
 
 

@@ -28,7 +28,6 @@ class Request:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    stop_ids: set[int] = field(default_factory=set)
     seed: int | None = None
     events: queue.Queue = field(default_factory=queue.Queue)  # token ids, then None at the end
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -178,7 +177,7 @@ class Engine:
         if request.cancelled.is_set():
             request.finish_reason = "cancelled"
             return
-        if token in self.eos_ids or token in request.stop_ids:
+        if token in self.eos_ids:  # stop strings are matched on the text, by the HTTP layer
             request.finish_reason = "stop"
             return
         request.generated.append(token)
