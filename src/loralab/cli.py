@@ -194,6 +194,14 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {out}")
 
 
+def cmd_export(args) -> None:
+    from loralab.export.formats import export
+
+    for line in export(args.format, args.model, args.adapter[0], args.out, args.quant, gguf_file=args.gguf_file,
+                       trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, check=args.check):
+        print(line)
+
+
 def cmd_serve(args) -> None:
     """An OpenAI-compatible HTTP server for the base model and its adapters."""
     try:
@@ -319,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", "--output", required=True, help="the merged model's folder")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(run=cmd_merge)
+    export = verbs.add_parser("export", help="write a trained adapter for llama.cpp, Ollama or vLLM")
+    _model_args(export, adapters="1")
+    export.add_argument("--format", required=True, choices=["gguf", "gguf-lora", "ollama", "vllm"],
+                        help="gguf: merged model; gguf-lora: the adapter alone for llama.cpp; ollama: GGUF + "
+                             "Modelfile; vllm: the checked adapter folder")
+    export.add_argument("--out", "--output", help="the file (gguf, gguf-lora) or folder (ollama, vllm) to write")
+    export.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                        help="the GGUF weight type (gguf, ollama)")
+    export.add_argument("--check", action="store_true", help="with --format vllm: only say whether vLLM loads it")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=cmd_export)
     serve = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server: the base model and its adapters")
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")

@@ -24,15 +24,8 @@ def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | No
     # merged in fp32, then written in the dtype the base checkpoint declares
     config = read_model_config(model_path, gguf_file, trust_remote_code, field="--model")
     base_dtype = getattr(config, "dtype", None)
-    loaded = load_for_inference(model_path, {"default": adapter}, gguf_file=gguf_file, dtype="fp32",
-                                device="cpu", trust_remote_code=trust_remote_code)
-    model = merge_and_unload(loaded.model)
-    if gguf_file:
-        # transformers dequantised the GGUF weights to floats at load but still marks the model as GGUF-quantized,
-        # which save_pretrained refuses; the merged weights are plain floats, so the mark goes
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    loaded = load_merged(model_path, adapter, gguf_file, trust_remote_code)
+    model = loaded.model
     if isinstance(base_dtype, torch.dtype):
         model.to(base_dtype)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -44,3 +37,17 @@ def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | No
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def load_merged(model_path: str, adapter: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """Base + adapter loaded in fp32 on the CPU and merged: the weights every export writes."""
+    loaded = load_for_inference(model_path, {"default": adapter}, gguf_file=gguf_file, dtype="fp32",
+                                device="cpu", trust_remote_code=trust_remote_code)
+    loaded.model = merge_and_unload(loaded.model)
+    if gguf_file:
+        # transformers dequantised the GGUF weights to floats at load but still marks the model as GGUF-quantized,
+        # which save_pretrained refuses; the merged weights are plain floats, so the mark goes
+        loaded.model.hf_quantizer = None
+        if hasattr(loaded.model.config, "quantization_config"):
+            del loaded.model.config.quantization_config
+    return loaded

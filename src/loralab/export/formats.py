@@ -1,0 +1,108 @@
+"""`loralab export`: one trained adapter, written in the format a runtime loads.
+
+gguf       base + adapter merged, one GGUF file (llama.cpp, LM Studio)
+gguf-lora  the adapter alone, a llama.cpp LoRA GGUF to use with the base GGUF it was trained on
+ollama     a folder with the merged GGUF and a Modelfile (training's chat template, system prompt, stop tokens)
+vllm       the adapter folder, after checking that vLLM's LoRA loader takes it
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from loralab.errors import LoralabError
+from loralab.export.gguf_lora import write_gguf_lora
+from loralab.export.gguf_model import write_gguf
+from loralab.export.ollama import modelfile
+from loralab.export.vllm import vllm_notes, vllm_problems
+from loralab.files import sync_tree
+from loralab.infer.settings import read_inference_settings
+from loralab.models import resolve_model_path
+from loralab.tasks import get_task
+
+FORMATS = ("gguf", "gguf-lora", "ollama", "vllm")
+
+
+def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f16", gguf_file: str | None = None,
+           trust_remote_code: bool = False, overwrite: bool = False, check: bool = False) -> list[str]:
+    """Write the export (with check: only say whether vLLM takes the adapter); returns lines to tell the user
+    (what was written, what the runtime needs)."""
+    if fmt not in FORMATS:
+        raise LoralabError(f"unknown export format {fmt!r}", field="--format", fix=f"use one of {', '.join(FORMATS)}")
+    if not Path(adapter).is_dir():
+        raise LoralabError("adapter folder not found", file=adapter, field="--adapter",
+                           fix="point at the adapter/ folder of a run")
+    if check:
+        if fmt != "vllm":
+            raise LoralabError("--check applies to --format vllm", field="--check", fix="leave --check out")
+        problems = vllm_problems(adapter)
+        if problems:
+            raise LoralabError("vLLM will not load this adapter:\n  - " + "\n  - ".join(problems), file=adapter)
+        return ["vLLM will load this adapter", *vllm_notes(adapter)]
+    if not out:
+        raise LoralabError("no output given", field="--out", fix="add --out PATH")
+    target = Path(out)
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+        raise LoralabError("the output exists", file=out, fix="choose another --out or pass --overwrite")
+    name = Path(adapter).resolve().parent.name  # the run's name
+    if fmt == "vllm":
+        problems = vllm_problems(adapter)
+        if problems:
+            raise LoralabError("vLLM will not load this adapter:\n  - " + "\n  - ".join(problems), file=adapter)
+        _copy_folder(Path(adapter), target)
+        return [f"adapter for vLLM written to {target}", *vllm_notes(adapter),
+                f"serve it with: vllm serve BASE --enable-lora --lora-modules {name}={target}"]
+    settings = read_inference_settings(adapter)
+    if settings is not None and not get_task(settings.task).CAUSAL:
+        raise LoralabError(f"a {settings.task} adapter has a task head that llama.cpp does not run", file=adapter,
+                           field="--format", fix="GGUF export is for language models (sft adapters); serve this "
+                                                 "one with `loralab serve`")
+    source = Path(resolve_model_path(model)) / gguf_file if gguf_file else None
+    if fmt == "gguf-lora":
+        write_gguf_lora(model, adapter, target, gguf_file, trust_remote_code, name=name)
+        base = f" -m {source}" if source else " -m BASE.gguf"
+        return [f"LoRA GGUF written to {target} ({_size(target)})", f"run it with: llama-cli{base} --lora {target}"]
+
+    from loralab.infer.merge import load_merged
+
+    loaded = load_merged(model, adapter, gguf_file, trust_remote_code)
+    template = loaded.settings.template
+    if fmt == "gguf":
+        write_gguf(loaded.model, loaded.tokenizer, template, target, quant, source, name)
+        return [f"GGUF ({quant}) written to {target} ({_size(target)})", f"run it with: llama-cli -m {target}"]
+    # ollama: the Modelfile is derived first, so a template Ollama cannot express stops the export before writing
+    gguf_name = f"{name}.{quant}.gguf"
+    text = modelfile(gguf_name, loaded.tokenizer, template, loaded.settings.system) if template else \
+        f'FROM ./{gguf_name}\nTEMPLATE """{{{{ .Prompt }}}}"""\n'
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_gguf(loaded.model, loaded.tokenizer, template, tmp / gguf_name, quant, source, name)
+    (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    _replace(tmp, target)
+    return [f"Ollama model written to {target} (Modelfile and {gguf_name}, {_size(target / gguf_name)})",
+            f"create it with: cd {target} && ollama create {name} -f Modelfile"]
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    _replace(tmp, target)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Put a finished folder in place of `target` (never a half-written one)."""
+    sync_tree(tmp)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    tmp.rename(target)
+
+
+def _size(path: Path) -> str:
+    from loralab.train.report import human_bytes
+
+    return human_bytes(path.stat().st_size)
