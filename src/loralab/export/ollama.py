@@ -2,9 +2,10 @@
 
 Ollama templates are Go templates, not Jinja, so the training template is not copied but measured: it is rendered
 on conversations of marker strings, and the text around each marker gives each role's prefix and suffix, the
-generation prompt, and what opens a conversation that has no system prompt (a default one, say). The result is checked by rendering longer conversations both ways; a template that is not a
-plain per-role wrapper (one that folds the system prompt into the first user turn, say) is refused rather than
-approximated, because a template that differs from training's is what makes an exported model "get worse".
+generation prompt, and what opens a conversation that has no system prompt (a default one, say). The result is
+checked by rendering longer conversations both ways; a template that is not a plain per-role wrapper (one that
+folds the system prompt into the first user turn, say) is refused rather than approximated, because a template
+that differs from training's is what makes an exported model "get worse".
 """
 
 from __future__ import annotations
