@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from loralab.errors import LoralabError
 from loralab.export.gguf_arch import gguf_arch, gguf_tensor_name, to_gguf_layout
-from loralab.files import write_atomically
+from loralab.export.gguf_model import write_gguf_file
 from loralab.lora import read_adapter_config
 from loralab.lora.io import PREFIX, WEIGHTS_NAME
 from loralab.models import read_model_config
@@ -62,18 +62,12 @@ def write_gguf_lora(model_path: str, adapter: str, out: Path, gguf_file: str | N
     arch = gguf_arch(model_config)
     tensors, alpha = lora_tensors(model_config, adapter)
 
-    def write(tmp: str) -> None:
-        writer = gguf.GGUFWriter(tmp, arch.name)
+    def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(name or "adapter")
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for tensor_name, tensor in tensors.items():
             writer.add_tensor(tensor_name, tensor.numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
 
-    write_atomically(out, write)
-    return out
+    return write_gguf_file(out, arch.name, fill)

@@ -72,8 +72,7 @@ def write_gguf(model: nn.Module, tokenizer, template: str | None, out: Path, qua
     file_type = {"f32": types.ALL_F32, "f16": types.MOSTLY_F16, "bf16": types.MOSTLY_BF16, "q8_0": types.MOSTLY_Q8_0,
                  "q4_0": types.MOSTLY_Q4_0}[quant]
 
-    def write(tmp: str) -> None:
-        writer = gguf.GGUFWriter(tmp, arch.name)
+    def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or "model")
         writer.add_file_type(file_type)
@@ -87,6 +86,17 @@ def write_gguf(model: nn.Module, tokenizer, template: str | None, out: Path, qua
         for tensor_name, tensor in tensors.items():
             data, qtype = encode(tensor_name, tensor, quant)
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+
+    return write_gguf_file(out, arch.name, fill)
+
+
+def write_gguf_file(out: Path, architecture: str, fill) -> Path:
+    """A GGUF file whose metadata and tensors `fill(writer)` adds, written whole or not at all."""
+    import gguf
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, architecture)
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
