@@ -36,6 +36,11 @@ def test_classification_learns_trains_the_fresh_head_and_writes_everything(tmp_p
         assert (run_dir / name).is_file(), name
     report = read_report(run_dir)
     assert report["fresh_modules"] == ["classifier"]  # missing from the checkpoint, so trained in full
+    # the label distribution and the majority-class baseline beside the metrics
+    assert report["data"]["label_counts"] == {"negative": 12, "positive": 12}
+    assert report["data"]["majority_baseline_accuracy"] == 0.5
+    assert "negative 12 (50.0%), positive 12 (50.0%); always answering the most frequent (negative) scores " \
+           "accuracy 0.5000 on validation" in (run_dir / "report.md").read_text()
     assert any("classifier" in k for k in load_file(run_dir / "adapter/adapter_model.safetensors"))
     evals = report["evaluations"]
     assert evals[0]["step"] == 0 and evals[-1]["metrics"]["accuracy"] == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from loralab.data.formats import resolve_format, to_classification
 from loralab.data.records import Record
 from loralab.errors import LoralabError
@@ -51,7 +53,19 @@ def prepare(config, tokenizer, train_records: list[Record], validation_records: 
                            field="label", fix="classification needs at least two labels")
     train, truncated = encode(train_records, tokenizer, config.data.max_length, labels)
     validation, _ = encode(validation_records, tokenizer, config.data.max_length, labels)
-    return TaskData(train, validation, labels, stats={"truncated": truncated})
+    return TaskData(train, validation, labels, stats={"truncated": truncated, **label_baseline(train, validation,
+                                                                                               labels)})
+
+
+def label_baseline(train: list[dict], validation: list[dict], labels: list[str]) -> dict:
+    """How often each label occurs in training, and the validation accuracy of always answering the most frequent
+    one: the score a classifier that learnt nothing reaches, shown beside the real one."""
+    counts = Counter(example["labels"] for example in train)
+    majority = max(range(len(labels)), key=lambda i: counts[i])
+    stats = {"label_counts": {label: counts[i] for i, label in enumerate(labels)}, "majority_label": labels[majority]}
+    if validation:
+        stats["majority_baseline_accuracy"] = sum(e["labels"] == majority for e in validation) / len(validation)
+    return stats
 
 
 def evaluate(model, tokenizer, data: TaskData, config, device, autocast) -> dict:

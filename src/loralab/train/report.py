@@ -52,6 +52,14 @@ def render_markdown(r: dict) -> str:
              f"- data: {r['data']['train_examples']} training / {r['data']['validation_examples']} validation "
              f"examples; truncated to max_length: {r['data'].get('truncated', 0)}; left out (no trainable token): "
              f"{r['data'].get('without_trainable_tokens', 0)}"]
+    counts = r["data"].get("label_counts")
+    if counts:
+        total = sum(counts.values()) or 1
+        line = "- labels in training: " + ", ".join(f"{k} {v:,} ({v / total:.1%})" for k, v in counts.items())
+        if r["data"].get("majority_baseline_accuracy") is not None:
+            line += (f"; always answering the most frequent ({r['data']['majority_label']}) scores accuracy "
+                     f"{r['data']['majority_baseline_accuracy']:.4f} on validation")
+        lines.append(line)
     if r.get("speedups"):
         lines.append(f"- speed techniques on: {', '.join(r['speedups'])}")
     if r.get("fresh_modules"):
