@@ -105,7 +105,9 @@ def test_full_fine_tuning_baseline_writes_a_model(tmp_path, model_dirs):
     assert run(config) == 0
     report = read_report(tmp_path / "runs" / "full")
     assert (tmp_path / "runs" / "full" / "model" / "model.safetensors").is_file()
-    assert report["data"] == {"train_examples": 4, "validation_examples": 2, "truncated": 0}
+    assert report["data"] == {"train_examples": 4, "validation_examples": 2, "truncated": 0,
+                              "label_counts": {"negative": 2, "positive": 2}, "majority_label": "negative",
+                              "majority_baseline_accuracy": 0.5}
     assert "trainable%: 100.0000" in report["parameters"]
 
 
