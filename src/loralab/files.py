@@ -4,6 +4,7 @@ folder synced, so that a crash or a full disk leaves the old file (or none), nev
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +47,29 @@ def sync_tree(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     sync_folder(folder)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` in place of `target` (a folder or a file), synced, so `target` is never
+    half-written."""
+    sync_tree(tmp)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(tmp, target)
+    sync_folder(target.parent)
+
+
+def write_folder_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary_folder)` fills the folder; it then replaces `target`. A failed write leaves no temporary
+    folder behind and `target` as it was."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

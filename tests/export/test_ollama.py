@@ -67,3 +67,12 @@ def test_export_ollama_writes_the_gguf_and_modelfile(sft_adapter, tmp_path):
     text = (out / "Modelfile").read_text()
     assert text.startswith("FROM ./run.q8_0.gguf") and "SYSTEM" not in text
     assert "{{ if eq $i 0 }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" in text
+
+
+def test_a_raw_text_adapter_gets_a_prompt_only_template(sft_adapter, tmp_path):
+    base, adapter, _ = sft_adapter("llama", template=None)
+    (adapter / "chat_template.jinja").unlink()  # trained on raw text, with a tokenizer that has no template
+    out = tmp_path / "ollama"
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--format", "ollama", "--out",
+                 str(out)]) == 0
+    assert (out / "Modelfile").read_text() == 'FROM ./run.f16.gguf\nTEMPLATE """{{ .Prompt }}"""\n'

@@ -43,3 +43,11 @@ def test_a_high_rank_needs_the_max_lora_rank_flag(sft_adapter, capsys):
     _, adapter, _ = sft_adapter("llama", r=40)
     code, text = check(adapter, capsys)
     assert code == 0 and "--max-lora-rank 64" in text
+
+
+def test_check_belongs_to_vllm_and_an_export_needs_an_output(sft_adapter, capsys):
+    _, adapter, _ = sft_adapter("llama")
+    assert main(["export", "--model", "m", "--adapter", str(adapter), "--format", "gguf", "--check"]) == USER_ERROR
+    assert "--check applies to --format vllm" in capsys.readouterr().err
+    assert main(["export", "--model", "m", "--adapter", str(adapter), "--format", "vllm"]) == USER_ERROR
+    assert "--out" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from loralab.export.gguf_lora import write_gguf_lora
 from loralab.export.gguf_model import write_gguf
 from loralab.export.ollama import modelfile
 from loralab.export.vllm import vllm_notes, vllm_problems
-from loralab.files import sync_tree
+from loralab.files import write_folder_atomically
 from loralab.infer.settings import read_inference_settings
 from loralab.models import resolve_model_path
 from loralab.tasks import get_task
@@ -36,9 +36,7 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
     if check:
         if fmt != "vllm":
             raise LoralabError("--check applies to --format vllm", field="--check", fix="leave --check out")
-        problems = vllm_problems(adapter)
-        if problems:
-            raise LoralabError("vLLM will not load this adapter:\n  - " + "\n  - ".join(problems), file=adapter)
+        _refuse_vllm_problems(adapter)
         return ["vLLM will load this adapter", *vllm_notes(adapter)]
     if not out:
         raise LoralabError("no output given", field="--out", fix="add --out PATH")
@@ -47,10 +45,8 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
         raise LoralabError("the output exists", file=out, fix="choose another --out or pass --overwrite")
     name = Path(adapter).resolve().parent.name  # the run's name
     if fmt == "vllm":
-        problems = vllm_problems(adapter)
-        if problems:
-            raise LoralabError("vLLM will not load this adapter:\n  - " + "\n  - ".join(problems), file=adapter)
-        _copy_folder(Path(adapter), target)
+        _refuse_vllm_problems(adapter)
+        write_folder_atomically(target, lambda tmp: shutil.copytree(adapter, tmp, dirs_exist_ok=True))
         return [f"adapter for vLLM written to {target}", *vllm_notes(adapter),
                 f"serve it with: vllm serve BASE --enable-lora --lora-modules {name}={target}"]
     settings = read_inference_settings(adapter)
@@ -77,31 +73,20 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
     gguf_name = f"{name}.{quant}.gguf"
     text = modelfile(gguf_name, loaded.tokenizer, template, loaded.settings.system) if template else \
         f'FROM ./{gguf_name}\nTEMPLATE """{{{{ .Prompt }}}}"""\n'
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_gguf(loaded.model, loaded.tokenizer, template, tmp / gguf_name, quant, source, name)
-    (tmp / "Modelfile").write_text(text, encoding="utf-8")
-    _replace(tmp, target)
+
+    def write(tmp: Path) -> None:
+        write_gguf(loaded.model, loaded.tokenizer, template, tmp / gguf_name, quant, source, name)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+
+    write_folder_atomically(target, write)
     return [f"Ollama model written to {target} (Modelfile and {gguf_name}, {_size(target / gguf_name)})",
             f"create it with: cd {target} && ollama create {name} -f Modelfile"]
 
 
-def _copy_folder(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    _replace(tmp, target)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Put a finished folder in place of `target` (never a half-written one)."""
-    sync_tree(tmp)
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    tmp.rename(target)
+def _refuse_vllm_problems(adapter: str) -> None:
+    problems = vllm_problems(adapter)
+    if problems:
+        raise LoralabError("vLLM will not load this adapter:\n  - " + "\n  - ".join(problems), file=adapter)
 
 
 def _size(path: Path) -> str:

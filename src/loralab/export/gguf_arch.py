@@ -9,6 +9,7 @@ places where llama.cpp stores a weight differently from transformers are spelled
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -68,12 +69,18 @@ def head_dim(config) -> int:
 
 def gguf_tensor_name(arch: GGUFArch, n_layers: int, hf_name: str) -> str | None:
     """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (None: not a tensor llama.cpp reads)."""
+    module, _, suffix = hf_name.rpartition(".")
+    name = _name_map(arch.name, n_layers).get_name(module)
+    return f"{name}.{suffix}" if name else None
+
+
+@cache
+def _name_map(arch_name: str, n_layers: int):
+    """gguf's table of transformers -> GGUF tensor names (built once: it enumerates every layer's names)."""
     import gguf
 
-    module, _, suffix = hf_name.rpartition(".")
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
-    name = gguf.get_tensor_name_map(arch_id, n_layers).get_name(module)
-    return f"{name}.{suffix}" if name else None
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    return gguf.get_tensor_name_map(arch_id, n_layers)
 
 
 def permute_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -128,8 +135,9 @@ def extra_tensors(config) -> dict[str, torch.Tensor]:
         return {}
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    rope = _rope(config)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    dim = int(head_dim(config) * _rope(config).get("partial_rotary_factor", 1.0))
-    plain = 1.0 / (float(_rope(config)["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    dim = int(head_dim(config) * rope.get("partial_rotary_factor", 1.0))
+    plain = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     # llama.cpp divides each rotary frequency by its factor
     return {"rope_freqs.weight": (plain / scaled.double()).float()}

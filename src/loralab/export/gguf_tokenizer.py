@@ -78,9 +78,11 @@ def write_tokenizer_fields(writer, tokenizer, vocab_size: int) -> None:
                           (tokenizer.pad_token_id, writer.add_pad_token_id)):
         if token_id is not None:
             add(token_id)
+    # whether the tokenizer adds BOS / EOS to plain text, as llama.cpp should
     probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id is not None)
-    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id is not None)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    writer.add_add_bos_token(bos is not None and bool(probe) and probe[0] == bos)
+    writer.add_add_eos_token(eos is not None and bool(probe) and probe[-1] == eos)
 
 
 def write_chat_template(writer, tokenizer, template: str | None) -> None:

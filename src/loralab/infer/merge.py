@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from loralab.errors import LoralabError
+from loralab.files import write_folder_atomically
 from loralab.infer.load import load_for_inference
 from loralab.lora import merge_and_unload
 from loralab.models import read_model_config
@@ -28,14 +28,13 @@ def merge_to_folder(model_path: str, adapter: str, out: str, gguf_file: str | No
     model = loaded.model
     if isinstance(base_dtype, torch.dtype):
         model.to(base_dtype)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     loaded.tokenizer.padding_side = "right"
-    loaded.tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+
+    write_folder_atomically(target, write)
     return target
 
 

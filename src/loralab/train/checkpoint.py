@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.errors import LoralabError
-from loralab.files import sync_folder, sync_tree
+from loralab.files import replace_folder
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -49,11 +48,7 @@ def save_checkpoint(folder: Path, model: nn.Module, state: dict, keep: int) -> P
         torch.save(state, tmp / STATE)
         sums = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums), encoding="utf-8")
-        sync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        sync_folder(folder)
+        replace_folder(tmp, target)
     except (OSError, SafetensorError, RuntimeError) as e:  # disk full (torch.save says so as a RuntimeError), ...
         shutil.rmtree(tmp, ignore_errors=True)
         # the weights, and Adam's two moments of each in the state
