@@ -133,6 +133,7 @@ def _load(args, load_adapters: bool = True):
     adapters = parse_adapters(args.adapter)
     loaded = load_for_inference(args.model, adapters, gguf_file=args.gguf_file, dtype=args.dtype,
                                 device=args.device, trust_remote_code=args.trust_remote_code,
+                                quantize=args.quantize,
                                 load_adapters=load_adapters and not getattr(args, "no_adapter", False))
     if getattr(args, "combine", None):
         names, weights = parse_combination(args.combine, list(adapters))
@@ -190,7 +191,8 @@ def cmd_merge(args) -> None:
     from loralab.infer.merge import merge_to_folder
 
     out = merge_to_folder(args.model, args.adapter[0], args.out, gguf_file=args.gguf_file,
-                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                          quantize=args.quantize)
     print(f"merged model written to {out}")
 
 
@@ -198,7 +200,8 @@ def cmd_export(args) -> None:
     from loralab.export.formats import export
 
     for line in export(args.format, args.model, args.adapter[0], args.out, args.quant, gguf_file=args.gguf_file,
-                       trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, check=args.check):
+                       trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, check=args.check,
+                       quantize=args.quantize):
         print(line)
 
 
@@ -266,6 +269,8 @@ def _model_args(parser, adapters: str = "*") -> None:
                         required=adapters == "1")
     parser.add_argument("--gguf-file", help="a .gguf file inside --model")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"],
+                        help="the base's bitsandbytes quantisation (default: the one the adapter was trained on)")
     if adapters != "1":
         parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         parser.add_argument("--device", default="auto")

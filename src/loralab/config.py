@@ -56,6 +56,8 @@ class ModelConfig:
     gguf_file: str | None = None  # a .gguf file inside `path` (dequantised to a float model by transformers)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute dtype; auto: bf16 on a GPU that has it, else fp32
     trust_remote_code: bool = False  # run the model's own Python code from its folder or hub repo
+    # the frozen base's linear layers in 4 bits (nf4, fp4: QLoRA) or 8 bits (int8), through bitsandbytes
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
 
 
 @dataclass
@@ -296,6 +298,11 @@ def _check_values(config: RunConfig, file: str | None) -> None:
          "batch_size: auto needs the examples per step, e.g. train.global_batch=32"),
         ("distributed", config.distributed, config.distributed == "ddp" or config.method == "lora",
          "fsdp shards the frozen base of a LoRA run; full fine-tuning uses distributed: ddp"),
+        ("model.quantize", config.model.quantize, config.model.quantize == "none" or config.method == "lora",
+         "a quantised base cannot be fine-tuned in full (its weights are frozen integers); use method: lora"),
+        ("model.quantize", config.model.quantize, config.model.quantize == "none" or config.distributed == "ddp",
+         "FSDP does not shard bitsandbytes' quantised weights here; use distributed: ddp (a quantised base is small "
+         "enough to replicate)"),
         ("data.packing", config.data.packing, not config.data.packing or config.task == "sft",
          "packing is for task: sft; set data.packing=false"),
         ("data.padding_free", config.data.padding_free,

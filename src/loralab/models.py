@@ -18,6 +18,7 @@ from transformers import (
 
 from loralab.config import ModelConfig
 from loralab.errors import LoralabError
+from loralab.quantize import check_quantized, loading_kwargs
 
 log = logging.getLogger("loralab")
 
@@ -105,11 +106,18 @@ def load_tokenizer(config: ModelConfig, padding_side: str = "right"):
 
 
 def load_model(config: ModelConfig, task: str, dtype: torch.dtype, num_labels: int | None = None,
-               id2label: dict | None = None) -> tuple[nn.Module, list[str]]:
-    """Returns the model and the names of modules whose weights the checkpoint lacked (initialised fresh)."""
+               id2label: dict | None = None, device: torch.device | str = "cpu", trained_in_full: list[str] = ()
+               ) -> tuple[nn.Module, list[str]]:
+    """Returns the model and the names of modules whose weights the checkpoint lacked (initialised fresh). A
+    quantised base (model.quantize, or a checkpoint saved quantised) is loaded onto `device`, where bitsandbytes
+    quantises it, all but its heads and the modules `trained_in_full`; a float one onto the CPU."""
     path = resolve_model_path(config.path)
     kwargs = dict(gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code, dtype=dtype,
                   output_loading_info=True)
+    quantized, quantize = loading_kwargs(config.quantize, read_model_config(config.path, config.gguf_file,
+                                                                            config.trust_remote_code), dtype, device,
+                                         kept_in_floats(trained_in_full))
+    kwargs.update(quantized)
     if num_labels is not None:
         kwargs.update(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
     try:
@@ -118,7 +126,16 @@ def load_model(config: ModelConfig, task: str, dtype: torch.dtype, num_labels: i
         raise LoralabError(f"cannot load the model: {e}", file=path, field="model.path",
                            fix="point at a model folder with config.json and weights, or a hub id") from None
     missing = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
+    check_quantized(model, quantize, path, fresh=missing)
     return model, missing
+
+
+def kept_in_floats(trained_in_full: list[str] = ()) -> list[str]:
+    """Modules a quantised base keeps in floats: output and task heads, the pooler (often missing from encoder
+    checkpoints, so trained in full), and the modules a run trains in full."""
+    from loralab.lora.targets import HEAD_NAMES
+
+    return [*HEAD_NAMES, "pooler", *trained_in_full]
 
 
 def read_model_config(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,

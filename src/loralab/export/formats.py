@@ -25,7 +25,8 @@ FORMATS = ("gguf", "gguf-lora", "ollama", "vllm")
 
 
 def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f16", gguf_file: str | None = None,
-           trust_remote_code: bool = False, overwrite: bool = False, check: bool = False) -> list[str]:
+           trust_remote_code: bool = False, overwrite: bool = False, check: bool = False,
+           quantize: str | None = None) -> list[str]:
     """Write the export (with check: only say whether vLLM takes the adapter); returns lines to tell the user
     (what was written, what the runtime needs)."""
     if fmt not in FORMATS:
@@ -58,17 +59,22 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
     if fmt == "gguf-lora":
         write_gguf_lora(model, adapter, target, gguf_file, trust_remote_code, name=name)
         base = f" -m {source}" if source else " -m BASE.gguf"
-        return [f"LoRA GGUF written to {target} ({_size(target)})", f"run it with: llama-cli{base} --lora {target}"]
+        lines = [f"LoRA GGUF written to {target} ({_size(target)})", f"run it with: llama-cli{base} --lora {target}"]
+        if settings is not None and settings.quantize != "none":
+            lines.append(f"note: this adapter learnt against the {settings.quantize} base; on another base GGUF its "
+                         "answers can drift, and --format gguf (merged into the dequantised weights) keeps them")
+        return lines
 
     from loralab.infer.merge import load_merged
 
-    loaded = load_merged(model, adapter, gguf_file, trust_remote_code)
+    loaded = load_merged(model, adapter, gguf_file, trust_remote_code, quantize)
     # the template training used; an adapter that does not say (one from PEFT) chats with the tokenizer's, as in
     # `loralab chat`
     template = loaded.settings.template or getattr(loaded.tokenizer, "chat_template", None)
     if fmt == "gguf":
         write_gguf(loaded.model, loaded.tokenizer, template, target, quant, source, name)
-        return [f"GGUF ({quant}) written to {target} ({_size(target)})", f"run it with: llama-cli -m {target}"]
+        return [f"merged into {loaded.merged_into}", f"GGUF ({quant}) written to {target} ({_size(target)})",
+                f"run it with: llama-cli -m {target}"]
     # ollama: the Modelfile is derived first, so a template Ollama cannot express stops the export before writing
     gguf_name = f"{name}.{quant}.gguf"
     text = modelfile(gguf_name, loaded.tokenizer, template, loaded.settings.system) if template else \
@@ -79,7 +85,8 @@ def export(fmt: str, model: str, adapter: str, out: str | None, quant: str = "f1
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
 
     write_folder_atomically(target, write)
-    return [f"Ollama model written to {target} (Modelfile and {gguf_name}, {_size(target / gguf_name)})",
+    return [f"merged into {loaded.merged_into}",
+            f"Ollama model written to {target} (Modelfile and {gguf_name}, {_size(target / gguf_name)})",
             f"create it with: cd {target} && ollama create {name} -f Modelfile"]
 
 

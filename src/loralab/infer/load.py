@@ -10,6 +10,7 @@ labels the model predicts.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from loralab.config import ModelConfig
 from loralab.errors import LoralabError, did_you_mean
 from loralab.infer.settings import InferenceSettings, read_inference_settings
 from loralab.lora import load_adapter, set_active_adapters
-from loralab.models import AUTO_CLASSES, compute_dtype, load_tokenizer, resolve_model_path, usable_device
+from loralab.models import (
+    AUTO_CLASSES,
+    compute_dtype,
+    kept_in_floats,
+    load_tokenizer,
+    read_model_config,
+    resolve_model_path,
+    usable_device,
+)
+from loralab.quantize import check_quantized, loading_kwargs, quantized_layer_names
 from loralab.tasks import get_task
 
 
@@ -34,6 +44,7 @@ class Loaded:
     dtype: torch.dtype
     adapters: list[str] = field(default_factory=list)
     adapter_settings: dict[str, InferenceSettings] = field(default_factory=dict)
+    merged_into: str | None = None  # set by infer.merge.load_merged
 
     def use(self, name: str) -> None:
         """Make adapter `name` the active one, with its own task settings and labels."""
@@ -81,9 +92,11 @@ def _head_size(adapter: str) -> int | None:
 
 def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, gguf_file: str | None = None,
                        dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-                       load_adapters: bool = True) -> Loaded:
+                       load_adapters: bool = True, quantize: str | None = None) -> Loaded:
     """The base model (in eval mode) with `adapters` loaded under their names, the first one active.
-    load_adapters=False keeps the base model alone but still reads the first adapter's task and template."""
+    load_adapters=False keeps the base model alone but still reads the first adapter's task and template.
+    quantize: the base's bitsandbytes quantisation (none, nf4, fp4, int8); by default the one the first adapter
+    was trained on, so that it computes on the very weights it learnt against."""
     adapters = adapters or {}
     for name, path in adapters.items():
         if not Path(path).is_dir():
@@ -105,10 +118,13 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     tokenizer = load_tokenizer(tokenizer_config, padding_side="left")
     device_ = usable_device(device)
     dtype_ = compute_dtype(config, device_)
-    kwargs = {}
+    quantize = quantize or settings.quantize
+    kwargs, quantize = loading_kwargs(quantize, read_model_config(model_path, gguf_file, trust_remote_code,
+                                                                  field="--model"), dtype_, device_,
+                                      kept_in_floats(trained_in_full(adapters.values())), "--quantize")
     if get_task(settings.task).LABELLED:
         labels = settings.labels or ["0", "1"]
-        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
     try:
         model = AUTO_CLASSES[settings.task].from_pretrained(
@@ -117,15 +133,28 @@ def load_for_inference(model_path: str, adapters: dict[str, str] | None = None, 
     except (OSError, ValueError) as e:
         raise LoralabError(f"cannot load the model: {e}", file=model_path, field="--model",
                            fix="point at a model folder with config.json and weights, or a hub id") from None
+    check_quantized(model, quantize, model_path, "--quantize")
     if load_adapters:
         for name, path in adapters.items():
             load_adapter(model, path, adapter_name=name)
-    model.to(device_).eval()
+    if not quantized_layer_names(model):  # quantised layers were made on the device
+        model.to(device_)
+    model.eval()
     loaded = Loaded(model, tokenizer, settings, device_, dtype_, list(adapters) if load_adapters else [],
                     all_settings)
     if loaded.adapters:
         loaded.use(loaded.adapters[0])
     return loaded
+
+
+def trained_in_full(adapters) -> list[str]:
+    """The modules_to_save of the adapters' configs: a quantised base keeps them in floats, as in training."""
+    names: list[str] = []
+    for path in adapters:
+        config = Path(path) / "adapter_config.json"
+        if config.is_file():
+            names += json.loads(config.read_text(encoding="utf-8")).get("modules_to_save") or []
+    return list(dict.fromkeys(names))
 
 
 def adapter_inference_settings(adapter: str) -> InferenceSettings:

@@ -25,12 +25,14 @@ class InferenceSettings:
     labels: list[str] | None = None
     max_length: int = 512
     max_new_tokens: int = 16
+    quantize: str = "none"  # the frozen base as training saw it (model.quantize): inference loads it the same way
 
 
 def save_inference_settings(folder: Path, config, data) -> None:
     settings = InferenceSettings(task=config.task, template=data.extra.get("template"), system=config.data.system,
                                  labels=data.labels, max_length=config.data.max_length,
-                                 max_new_tokens=config.generate_classify.max_new_tokens)
+                                 max_new_tokens=config.generate_classify.max_new_tokens,
+                                 quantize=config.model.quantize)
     write_text_atomically(folder / SETTINGS_NAME, json.dumps(asdict(settings), indent=2, ensure_ascii=False) + "\n")
 
 

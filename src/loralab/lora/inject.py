@@ -215,12 +215,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, counted as PEFT counts them (modules_to_save copies included)."""
+    """(trainable, all) parameter counts, counted as PEFT counts them (modules_to_save copies included; a 4-bit
+    weight, stored two to a byte, counts its weights, not its bytes)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 

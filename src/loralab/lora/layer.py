@@ -3,7 +3,8 @@
     y = W0·x + b + sum over active adapters of  scaling · B·A·dropout(x),   scaling = alpha / r
 
 A (r x in) starts random and B (out x r) starts at zero, so a freshly wrapped layer computes exactly W0·x + b.
-Wraps torch.nn.Linear and transformers' Conv1D (GPT-2), whose weight is stored transposed (in x out).
+Wraps torch.nn.Linear, transformers' Conv1D (GPT-2), whose weight is stored transposed (in x out), and
+bitsandbytes' Linear4bit and Linear8bitLt (QLoRA: the frozen base stays quantised; see loralab.quantize).
 Attribute names (base_layer, lora_A, lora_B) follow PEFT so that state-dict keys match its adapter files.
 """
 
@@ -16,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from loralab.errors import LoralabError
+from loralab.quantize import is_quantized_linear, quantized_linear_types
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_types() -> tuple[type, ...]:
+    """The layers LoRA can wrap: torch's and transformers' float ones, and bitsandbytes' once it is in use."""
+    return LINEAR_TYPES + quantized_linear_types()
 
 
 def init_kaiming_uniform(weight: torch.Tensor) -> None:
@@ -78,7 +87,7 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tens
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    """(in_features, out_features) of an nn.Linear, a Conv1D or a bitsandbytes linear layer."""
     if isinstance(layer, Conv1D):
         return layer.weight.shape[0], layer.weight.shape[1]
     return layer.in_features, layer.out_features
@@ -145,6 +154,10 @@ class LoraLinear(nn.Module):
 
     def merge(self, names: list[str] | None = None) -> None:
         """Add the adapters' updates into the base weight, so inference costs nothing extra."""
+        if is_quantized_linear(self.base_layer):
+            # rounding W + B·A back to 4 or 8 bits would lose most of B·A
+            raise LoralabError("an adapter cannot be merged into quantised weights in place",
+                               fix="loralab merge writes base + adapter as dequantised float weights")
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in names if names is not None else self.active_adapters:

@@ -9,7 +9,7 @@ from torch import nn
 
 from loralab.errors import LoralabError
 from loralab.lora.config import LoraConfig
-from loralab.lora.layer import LINEAR_TYPES, LoraLinear
+from loralab.lora.layer import LoraLinear, linear_types
 
 log = logging.getLogger("loralab")
 
@@ -64,7 +64,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Full names of every nn.Linear / Conv1D in the model; an already wrapped layer counts once, by its own name."""
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
     return [name for name, module in model.named_modules()
-            if isinstance(module, (*LINEAR_TYPES, LoraLinear)) and not any(name.startswith(w + ".") for w in wrapped)]
+            if isinstance(module, (*linear_types(), LoraLinear)) and not any(name.startswith(w + ".") for w in wrapped)]
 
 
 def linear_suffixes(model: nn.Module) -> list[str]:

@@ -28,6 +28,7 @@ from loralab.fast.lm_loss import TrainingLoss, check_packing
 from loralab.infer.settings import save_inference_settings
 from loralab.lora import count_parameters, save_adapter, trainable_parameters_report
 from loralab.models import compute_dtype, load_tokenizer, pick_device, resolve_model_path, usable_device
+from loralab.quantize import describe as describe_quantization
 from loralab.tasks import Task, TaskData, get_task
 from loralab.tasks.evaluation import position_limit
 from loralab.train.batch_plan import with_planned_batch
@@ -385,7 +386,7 @@ def finish(run: Run) -> dict:
         "total_seconds": state.seconds, "tokens_per_second": state.tokens / max(state.seconds, 1e-9),
         "steps": state.step, "skipped_steps": state.skipped_steps, "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind, "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
-        "best": state.best, "evaluations": state.evaluations,
+        "base_quantization": describe_quantization(model), "best": state.best, "evaluations": state.evaluations,
         "sample_answers": [{"before": b, "after": a} for b, a in
                            zip(state.answers_before, run.answers_after, strict=False)],
     }

@@ -14,6 +14,7 @@ from loralab.config import RunConfig
 from loralab.errors import LoralabError
 from loralab.lora import LoraConfig, apply_lora
 from loralab.models import AUTO_CLASSES, compute_dtype, load_model, pick_device, read_model_config
+from loralab.quantize import quantized_layer_names
 from loralab.tasks import get_task
 
 log = logging.getLogger("loralab")
@@ -21,7 +22,8 @@ log = logging.getLogger("loralab")
 
 def build_model(config: RunConfig, labels: list[str] | None = None, weights: bool = True
                 ) -> tuple[nn.Module, list[str], list[str]]:
-    """(model, modules initialised fresh, speed techniques turned on), on the CPU. weights=False builds the same
+    """(model, modules initialised fresh, speed techniques turned on), on the CPU (a quantised base: on its
+    device, where bitsandbytes quantises it). weights=False builds the same
     model from the model's config alone, for the memory planner to trace under FakeTensorMode."""
     device = pick_device(config.train.device)
     # LoRA: the frozen base in the compute dtype; full fine-tuning: fp32 master weights, compute under autocast
@@ -29,7 +31,8 @@ def build_model(config: RunConfig, labels: list[str] | None = None, weights: boo
     labels = labels if get_task(config.task).LABELLED else None
     if weights:
         model, fresh = load_model(config.model, config.task, dtype, len(labels) if labels else None,
-                                  dict(enumerate(labels)) if labels else None)
+                                  dict(enumerate(labels)) if labels else None, device,
+                                  trained_in_full=list(config.lora.modules_to_save or []))
     else:
         m = config.model
         model_config = read_model_config(m.path, m.gguf_file, m.trust_remote_code)
@@ -38,6 +41,10 @@ def build_model(config: RunConfig, labels: list[str] | None = None, weights: boo
         model = AUTO_CLASSES[config.task].from_config(model_config, dtype=dtype, trust_remote_code=m.trust_remote_code)
         fresh = []  # without weights nothing tells which modules the checkpoint lacks
     if config.method == "full":
+        if quantized_layer_names(model):
+            raise LoralabError("this checkpoint is quantised (bitsandbytes), and quantised weights cannot be "
+                               "fine-tuned in full", file=config.model.path, field="method",
+                               fix="method: lora (QLoRA), or point model.path at the float checkpoint")
         model.requires_grad_(True)
     else:
         lora: LoraConfig = config.lora

@@ -69,7 +69,8 @@ def render_markdown(r: dict) -> str:
               f"{', '.join(f'{t:.1f} s' for t in r['epoch_seconds'])}",
               f"- speed: {r['tokens_per_second']:.0f} tokens/s (non-padding tokens), {r['steps']} optimizer steps",
               f"- peak memory: {human_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})",
-              f"- device: {r['device']}, dtype: {r['dtype']}"]
+              f"- device: {r['device']}, dtype: {r['dtype']}"
+              + (f"; frozen base quantised: {r['base_quantization']}" if r.get("base_quantization") else "")]
     if r.get("best"):
         b = r["best"]
         lines.append(f"- best {b['metric']}: {b['value']:.4f} at step {b['step']} (epoch {b['epoch']:.2f}); "
