@@ -79,8 +79,9 @@ def mid_bert(tmp_path_factory):
     return path
 
 
-def run_config(model_path, task="sft", method="lora", checkpointing=False, batch_size=4, max_length=512):
-    return {"task": task, "method": method, "model": {"path": str(model_path), "dtype": "fp32"},
+def run_config(model_path, task="sft", method="lora", checkpointing=False, batch_size=4, max_length=512,
+               quantize="none"):
+    return {"task": task, "method": method, "model": {"path": str(model_path), "dtype": "fp32", "quantize": quantize},
             "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"] if task == "sft" else ["query", "value"]},
             "data": {"train": "unused.json", "max_length": max_length},
             "train": {"batch_size": batch_size, "gradient_checkpointing": checkpointing, "device": "cpu"}}
@@ -92,6 +93,8 @@ def run_config(model_path, task="sft", method="lora", checkpointing=False, batch
     dict(checkpointing=True),
     dict(method="full", batch_size=2),
     dict(task="classification", batch_size=16, max_length=256),
+    dict(quantize="nf4"),  # bitsandbytes' 4-bit storage
+    dict(quantize="int8", checkpointing=True),  # LLM.int8() keeps its inputs, which checkpointing cannot drop
 ])
 def test_estimate_is_within_15_percent_of_the_measured_peak(case, mid_llama, mid_bert):
     model = mid_bert if case.get("task") == "classification" else mid_llama

@@ -81,8 +81,13 @@ def cmd_estimate(args) -> None:
     config = _load_config(args, model=args.model)
     device = pick_device(config.train.device)
     dtype_name = str(compute_dtype(config.model, device)).removeprefix("torch.") + f" on {device.type}"
+    if config.model.quantize != "none":
+        dtype_name += f", base in {config.model.quantize}"
     batch = args.batch_size or (config.train.batch_size if config.train.batch_size != "auto" else 1)
     budget = memory_budget(args.budget, config.train.device)
+    if args.compare_bases:
+        _print_bases(config, batch, budget, device)
+        return
     estimates, fits = estimate_with_and_without_checkpointing(config, batch, budget)
     table = Table(title=f"peak training memory: {config.model.path}, {config.task}, {config.method}, batch {batch} "
                         f"x {next(iter(estimates.values())).seq_len} tokens, {dtype_name}")
@@ -105,6 +110,29 @@ def cmd_estimate(args) -> None:
     print(f"trainable parameters: {next(iter(estimates.values())).trainable_weights // 4:,}. Not counted: the "
           "framework itself (CUDA context or the Python process, roughly 0.3-1 GB). The largest batch keeps the total "
           f"within {share} of the budget{held}: the rest is for {cache}.")
+
+
+def _print_bases(config, batch: int, budget, device) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loralab.estimate import estimate_per_base
+    from loralab.train.report import human_bytes
+
+    rows = estimate_per_base(config, batch, budget)
+    seq_len = next(iter(rows.values()))[0].seq_len
+    table = Table(title=f"peak training memory by base: {config.model.path}, {config.task}, {config.method}, "
+                        f"batch {batch} x {seq_len} tokens, on {device.type}")
+    for column in ("base", "frozen base weights", "trainable + gradients + AdamW", "activations and temporaries",
+                   f"total at batch {batch}", f"largest batch within {human_bytes(budget.total)}"):
+        table.add_column(column, justify="right")
+    for name, (e, fit) in rows.items():
+        table.add_row(name if name in ("fp32", "bf16") else f"{name} (bf16 compute)", human_bytes(e.base_weights),
+                      human_bytes(e.trainable_weights + e.gradients + e.optimizer), human_bytes(e.activations),
+                      human_bytes(e.total), str(fit.batch_size) if fit else "none fits")
+    Console().print(table)
+    print("int8 and nf4: bitsandbytes' storage (int8 rows and their scales; packed 4-bit weights and double-quantised "
+          "absmax), heads and embeddings in bf16. Choose one with model.quantize and model.dtype.")
 
 
 def parse_combination(spec: str, adapters: list[str]) -> tuple[list[str], list[float]]:
@@ -305,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model", help="a model folder or hub id, instead of the config's")
     est.add_argument("--budget", help="memory to fit, e.g. 24GiB (default: this device's)")
     est.add_argument("--batch-size", type=int, help="the batch to break down (default: the config's)")
+    est.add_argument("--compare-bases", action="store_true",
+                     help="the same run on fp32, bf16, int8 and nf4 bases side by side")
     est.set_defaults(run=cmd_estimate)
     chat = verbs.add_parser("chat", help="chat in the terminal with a base model + adapter")
     _model_args(chat)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import types
 import weakref
 from dataclasses import dataclass
 from unittest import mock
@@ -32,7 +33,8 @@ from loralab.errors import LoralabError
 from loralab.fast.forward_source import replace_forwards
 from loralab.fast.lm_loss import CHUNK_ELEMENTS, LinearCrossEntropy, supports_chunked_loss
 from loralab.fast.rms_norm import is_rms_norm
-from loralab.models import compute_dtype, pick_device, read_model_config
+from loralab.models import compute_dtype, kept_in_floats, pick_device, read_model_config
+from loralab.quantize import checkpoint_quantization, planned_bytes, planned_layers
 from loralab.tasks import get_task
 from loralab.tasks.evaluation import position_limit
 from loralab.train.model import build_model
@@ -119,6 +121,27 @@ def rms_norm_on_cuda(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return FusedRmsNormOnCuda.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
+class KeepsInput(torch.autograd.Function):
+    """A frozen product that keeps its input for the backward pass, as bitsandbytes' 8-bit product does (LLM.int8()
+    keeps it whenever any input needs a gradient); torch's linear with a frozen weight keeps only the weight. Kept
+    as bitsandbytes keeps it, as an attribute of the context rather than a saved tensor, which gradient
+    checkpointing cannot drop."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.kept = (x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.kept
+        return grad @ weight, None, None
+
+
+def keeps_input_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return KeepsInput.apply(x, self.weight, self.bias)
+
+
 def _fake_model(config: RunConfig):
     """The training model of `config`, built as `train` builds it but from its config.json, on fake tensors."""
     model, _, _ = build_model(config, config.data.labels or ["0", "1"], weights=False)
@@ -161,13 +184,26 @@ def planner(config: RunConfig):
         params = list(model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+        dequantized = 0
+        m = config.model
+        quantize = m.quantize if m.quantize != "none" else checkpoint_quantization(
+            read_model_config(m.path, m.gguf_file, m.trust_remote_code)) or "none"
+        if quantize != "none":
+            # traced in floats: the quantised layers' weights as bitsandbytes stores them, and the dequantised copy
+            # of one weight that each of their products makes
+            saved, dequantized = planned_bytes(model, quantize,
+                                               kept_in_floats(list(config.lora.modules_to_save or [])))
+            frozen -= saved
+            if quantize == "int8":
+                for _, layer in planned_layers(model, kept_in_floats(list(config.lora.modules_to_save or []))):
+                    layer.forward = types.MethodType(keeps_input_forward, layer)
         causal = get_task(config.task).CAUSAL
         chunked = causal and supports_chunked_loss(model)
         vocab = model.get_output_embeddings().weight.shape[0] if causal else 0
         seq_len = min(config.data.max_length, position_limit(model) or config.data.max_length)
 
         def estimate(batch_size: int) -> MemoryEstimate:
-            peak = _step_peak(model, config, batch_size, seq_len)
+            peak = _step_peak(model, config, batch_size, seq_len) + dequantized
             model.zero_grad(set_to_none=True)
             tokens = batch_size * seq_len
             # chunked: one chunk of fp32 logits and its low-precision copy; else logits, fp32 copy, log-softmax, grad
@@ -313,3 +349,20 @@ def _available_ram(field: str) -> int:
     except (ValueError, OSError):
         raise LoralabError("this system does not say how much memory is free", field=field,
                            fix="give the memory the run may use, e.g. 16GiB") from None
+
+
+# seed 001's comparison: the same run on bases stored in fewer bytes per weight
+BASES = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("bf16", "int8"), "nf4": ("bf16", "nf4")}
+
+
+def estimate_per_base(config: RunConfig, batch_size: int, budget: Budget
+                      ) -> dict[str, tuple[MemoryEstimate, MemoryEstimate | None]]:
+    """`loralab estimate --compare-bases`: per base (fp32, bf16, int8 and nf4 with bf16 compute), the estimate at
+    `batch_size` and the largest batch that fits the budget."""
+    rows = {}
+    for name, (dtype, quantize) in BASES.items():
+        variant = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype, quantize=quantize))
+        with planner(variant) as estimate:
+            rows[name] = (estimate(batch_size), largest_batch_size(
+                variant, budget.usable(variant.train.gradient_checkpointing), estimate=estimate))
+    return rows

@@ -100,16 +100,19 @@ def checkpoint_quantization(model_config) -> str | None:
     return q.get("bnb_4bit_quant_type", "fp4") if q.get("load_in_4bit") else None
 
 
-def check_compute_dtype(dtype: torch.dtype, device: torch.device) -> None:
-    """fp16 products on a CPU run only where torch has kernels for them; refused up front rather than mid-step."""
-    if dtype != torch.float16 or device.type != "cpu":
-        return
+def cpu_computes_fp16() -> bool:
     try:
         x = torch.ones(2, 2, dtype=torch.float16)
-        (x @ x).sum().item()
+        return (x @ x).sum().item() == 8
     except RuntimeError:
+        return False
+
+
+def check_compute_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """fp16 products on a CPU run only where torch has kernels for them; refused up front rather than mid-step."""
+    if dtype == torch.float16 and device.type == "cpu" and not cpu_computes_fp16():
         raise LoralabError("this CPU cannot compute in fp16", field="model.dtype",
-                           fix="model.dtype=fp32 (or bf16) on a CPU") from None
+                           fix="model.dtype=fp32 (or bf16) on a CPU")
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
@@ -124,7 +127,9 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     if isinstance(layer, Linear4bit):
         return bf.dequantize_4bit(weight.data, weight.quant_state).float()
-    return bf.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+    # after its first product an 8-bit layer keeps the row scales in its matmul state, not on the weight
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    return bf.int8_vectorwise_dequant(weight.data, scales).float()
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
@@ -204,6 +209,13 @@ def check_quantized(model: nn.Module, quantize: str, path: str, field: str = "mo
         layer = model.get_submodule(name)
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
+    if names and next(model.parameters()).device.type == "cpu":
+        # the float weights left unquantised (embeddings, norms, heads) are views of the memory-mapped checkpoint,
+        # which keeps the whole file mapped, the pages read to quantise the other layers included: copies let it go
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dtype.is_floating_point:
+                    p.data = p.data.clone()
 
 
 def describe(model: nn.Module) -> str | None:
@@ -215,3 +227,24 @@ def describe(model: nn.Module) -> str | None:
     state = getattr(weight, "quant_state", None)
     kind = "int8" if state is None else state.quant_type + (" (double-quantised)" if state.nested else "")
     return f"{kind}, {len(names)} linear layers, by bitsandbytes"
+
+
+def planned_layers(model: nn.Module, keep: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The layers of a float model that bitsandbytes would quantise when loading it (transformers' own rule: every
+    nn.Linear whose name no `keep` pattern matches; LoRA's own trainable A and B are not the base's): what the
+    memory planner counts in 4 or 8 bits."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not m.weight.requires_grad
+            and should_convert_module(name.replace(".base_layer", ""), keep)]
+
+
+def planned_bytes(model: nn.Module, quantize: str, keep: list[str]) -> tuple[int, int]:
+    """(bytes the quantised layers of `model` save against its float weights, bytes of the largest one's weight
+    dequantised in the compute dtype: bitsandbytes makes it for each product, forward and backward)."""
+    saved = largest = 0
+    for _, layer in planned_layers(model, keep):
+        weight = layer.weight
+        saved += weight.numel() * weight.element_size() - stored_bytes(*weight.shape, quantize)
+        largest = max(largest, weight.numel() * weight.element_size())
+    return saved, largest

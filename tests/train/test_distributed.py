@@ -86,6 +86,20 @@ def test_batch_size_auto_splits_the_global_batch_between_processes(tmp_path, mod
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
 
 
+def test_a_4bit_base_trains_on_two_processes_as_on_one(tmp_path, model_dirs, capfd):
+    """QLoRA under DDP: the quantised base replicated, A and B (and the fresh head) synchronised; the batch planned
+    with the base counted in 4 bits."""
+    pytest.importorskip("bitsandbytes")
+    settings = {"model.quantize=nf4", "train.batch_size=auto", "train.global_batch=8", "train.memory_budget=64GiB"}
+    assert main(["train", str(config_for(tmp_path, model_dirs, "one", batch_size=4)), *settings]) == 0
+    assert main(["train", str(config_for(tmp_path, model_dirs, "two", batch_size=4)), *settings, "--nproc", "2"]) == 0
+    assert "batch size auto: 4 x 1 accumulation steps x 2 processes" in " ".join(capfd.readouterr().err.split())
+    one, two = tmp_path / "runs/one", tmp_path / "runs/two"
+    assert json.loads((two / "report.json").read_text())["base_quantization"].startswith("nf4")
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert close(adapter(two), adapter(one), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny llama (decoder blocks for FSDP to shard), no dropout anywhere."""

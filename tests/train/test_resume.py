@@ -14,21 +14,24 @@ class Crash(BaseException):
     """An abrupt stop (like a kill): not an error the CLI would catch and report."""
 
 
-def config_for(tmp_path, model_dirs, name):
+def config_for(tmp_path, model_dirs, name, quantize="none"):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": lab} for t, lab in SENTIMENT * 3])
     return write_config(tmp_path / f"{name}.yaml", name=name, output_dir=str(tmp_path / "runs"),
-                        task="classification", model={"path": str(model_dirs["bert"])},
+                        task="classification", model={"path": str(model_dirs["bert"]), "quantize": quantize},
                         lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must be restored too
                         data={"train": str(data), "validation": str(data)},
                         train={"epochs": 2, "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "checkpoint_every": 2,
                                "keep_checkpoints": 2, "schedule": "cosine", "warmup": 2})
 
 
-def test_resumed_run_is_bit_identical(tmp_path, model_dirs, monkeypatch):
-    assert main(["train", str(config_for(tmp_path, model_dirs, "whole"))]) == 0
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_resumed_run_is_bit_identical(tmp_path, model_dirs, monkeypatch, quantize):
+    if quantize != "none":
+        pytest.importorskip("bitsandbytes")
+    assert main(["train", str(config_for(tmp_path, model_dirs, "whole", quantize))]) == 0
     whole = load_file(tmp_path / "runs/whole/adapter/adapter_model.safetensors")
 
-    config = config_for(tmp_path, model_dirs, "cut")
+    config = config_for(tmp_path, model_dirs, "cut", quantize)
     real_step, calls = loop.optimizer_step, {"n": 0}
 
     def crashing_step(*args):
