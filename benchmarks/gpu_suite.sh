@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_suite.sh 1b     # Llama-1B shapes: SFT vs PEFT + Trainer (plain, checkpointing, compiled,
 #                                       # packed, batch 16), operators per step, planner, profiles, layer
 #   bash benchmarks/gpu_suite.sh 8b     # Llama-8B shapes: SFT vs PEFT + Trainer, planner
+#   bash benchmarks/gpu_suite.sh qlora  # Llama-8B shapes on an nf4 base: QLoRA vs PEFT QLoRA + Trainer, the planner
+#                                       # on nf4 (1B and 8B), and the same 8B run on a bf16 base for its peak memory
+#                                       # (carry a bitsandbytes>=0.50 wheel too)
 #   bash benchmarks/gpu_suite.sh 1b host1b sft1b_compile         # only the stages named (and the base model)
 #   DEADLINE=550 bash benchmarks/gpu_suite.sh 1b ...             # every stage stopped 550 s after the start
 #   (host1b on a GPU includes a CUDA-graphs row: TORCHINDUCTOR_CUDAGRAPHS=1 over the compiled blocks)
@@ -114,6 +117,20 @@ peft.__version__, torch.cuda.get_device_name())"
         step planner8b python benchmarks/planner_accuracy.py --model /tmp/llama-8b --batch-size 4 --max-length 2048 \
             --checkpointing 0 1
         ;;
+    qlora)
+        python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
+        [[ -d /tmp/llama-1b ]] || step base1b python benchmarks/random_base.py llama-1b /tmp/llama-1b \
+            --tokenizer "$TOKENIZER"
+        [[ -d /tmp/llama-8b ]] || step base8b python benchmarks/random_base.py llama-8b /tmp/llama-8b \
+            --tokenizer "$TOKENIZER"
+        LIMIT=240 step qlora8b $SFT --model /tmp/llama-8b --examples 200 --workdir /tmp/qlora8b --quantize nf4
+        LIMIT=90 step planner1b_nf4 python benchmarks/planner_accuracy.py --model /tmp/llama-1b --batch-size 4 \
+            --max-length 2048 --checkpointing 0 1 --quantize nf4
+        LIMIT=120 step planner8b_nf4 python benchmarks/planner_accuracy.py --model /tmp/llama-8b --batch-size 4 \
+            --max-length 2048 --checkpointing 0 1 --quantize nf4
+        LIMIT=90 step planner8b_bf16 python benchmarks/planner_accuracy.py --model /tmp/llama-8b --batch-size 4 \
+            --max-length 2048 --checkpointing 0 1
+        ;;
     *)
-        echo "usage: $0 1b|8b" >&2; exit 2 ;;
+        echo "usage: $0 1b|8b|qlora" >&2; exit 2 ;;
 esac

@@ -33,7 +33,7 @@ from rich.table import Table
 
 
 def run_config(args, checkpointing: int) -> dict:
-    return {"task": "sft", "model": {"path": args.model, "dtype": args.dtype},
+    return {"task": "sft", "model": {"path": args.model, "dtype": args.dtype, "quantize": args.quantize},
             "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
             "data": {"train": "unused.json", "max_length": args.max_length},  # rows are made up here
             "train": {"batch_size": "auto" if args.budget else args.batch_size, "device": args.device,
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--checkpointing", type=int, nargs="+", default=[0, 1],
                         help="settings to measure: 0 none, 1 every layer, N every N-th layer")
+    parser.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default="none",
+                        help="the frozen base in 4 or 8 bits (bitsandbytes)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--dropout", type=float, default=0.1)

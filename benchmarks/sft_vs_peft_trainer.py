@@ -8,11 +8,15 @@
     python benchmarks/sft_vs_peft_trainer.py --peft-padding-free --loralab data.packing=true  # both without padding
     python benchmarks/random_base.py llama-1b /tmp/llama-1b     # Llama-3.2-1B shapes, random weights, no hub
     python benchmarks/sft_vs_peft_trainer.py --model /tmp/llama-1b --gguf-file none --dtype bf16 --max-length 2048
+    python benchmarks/sft_vs_peft_trainer.py --quantize nf4           # QLoRA: both sides on a 4-bit base
 
 Each side trains in its own fresh process (so peak memory is its own): load, LoRA, one pass over the data. Reported:
 non-padding tokens per second of training (load excluded for both), peak memory (RSS on CPU = ru_maxrss, which
 includes loading; torch.cuda.max_memory_allocated on GPU), and the loss of each saved adapter on the same held-out
 examples, scored by a third process with PEFT, so "same final loss" is checked with the peer's own loader.
+With --quantize the peer is QLoRA as the field writes it: transformers' BitsAndBytesConfig (double-quantised,
+computing in --dtype) and PEFT's prepare_model_for_kbit_training; loralab gets model.quantize; both adapters are
+scored on the quantised base they trained on.
 On known GPUs in bf16 (or with --peak-tflops) it also prints each side's MFU.
 """
 
@@ -47,7 +51,7 @@ def encode(args, tokenizer, records):
 def run_config(args, workdir: Path) -> dict:
     return {
         "name": "loralab", "output_dir": str(workdir), "task": "sft", "seed": args.seed,
-        "model": {"path": args.model, "gguf_file": args.gguf_file, "dtype": args.dtype},
+        "model": {"path": args.model, "gguf_file": args.gguf_file, "dtype": args.dtype, "quantize": args.quantize},
         "lora": {"r": args.r, "alpha": 2 * args.r, "dropout": args.dropout, "target_modules": args.targets},
         "data": {"train": str(workdir / "train.json"), "max_length": args.max_length, "template": "auto"},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "schedule": "linear",
@@ -78,7 +82,12 @@ def side_peft(args, workdir: Path) -> dict:
     examples = encode(args, tokenizer, records_of(records, workdir / "train.json"))
     dataset = trainer_rows([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=dtype,
+                                                 **quantized_loading(args, dtype))
+    if args.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r,
                                              lora_dropout=args.dropout, target_modules=args.targets))
     training_args = TrainingArguments(
@@ -99,6 +108,20 @@ def side_peft(args, workdir: Path) -> dict:
     model.save_pretrained(workdir / "peft" / "adapter")
     tokens = args.epochs * sum(len(e["input_ids"]) for e in examples)
     return {"tokens": tokens, "seconds": seconds, "peak_bytes": peak_bytes(args.device)}
+
+
+def quantized_loading(args, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for the peer's quantised base, as QLoRA tutorials write them."""
+    if args.quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if args.quantize == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantize,
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": args.device}}
 
 
 def records_of(raw: list[dict], file: Path):
@@ -152,7 +175,8 @@ def side_score(args, workdir: Path) -> dict:
     out = {}
     for name, adapter in (("peft", workdir / "peft" / "adapter"), ("loralab", workdir / "loralab" / "adapter")):
         base = AutoModelForCausalLM.from_pretrained(path, gguf_file=args.gguf_file, dtype=torch.float32,
-                                                    device_map=args.device)
+                                                    **(quantized_loading(args, torch.float32)
+                                                       or {"device_map": args.device}))
         model = PeftModel.from_pretrained(base, adapter).eval()
         total, count = 0.0, 0
         with torch.no_grad():
@@ -213,6 +237,8 @@ def main() -> None:
     parser.add_argument("--peft-padding-free", action="store_true",
                         help="the peer lays each batch end to end in one row (DataCollatorWithFlattening) instead of "
                         "padding it as the seeds do")
+    parser.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default="none",
+                        help="the frozen base in 4 or 8 bits (bitsandbytes) on both sides")
     parser.add_argument("--loralab", nargs="*", default=[], help="extra loralab overrides (key=value), last")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs in bf16)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
@@ -266,6 +292,8 @@ def main() -> None:
     table = Table(title=f"LoRA SFT: {args.model} {args.gguf_file or ''}, {args.examples} examples{passes}, batch "
                         f"{args.batch_size}, max length {args.max_length}, r={args.r} on {', '.join(args.targets)}, "
                         f"{args.dtype}, {args.device}{', compiled on both sides' if args.compile else ''}"
+                        f"{f', {args.quantize} base (QLoRA)' if args.quantize != 'none' else ''}"
+                        f"{', checkpointed on both sides' if args.gradient_checkpointing else ''}"
                         f"{', the peer padding-free' if args.peft_padding_free else ''}; "
                         f"loralab {' '.join(args.loralab) or '(defaults)'}")
     for column in ("", "PEFT + Trainer", "loralab", "ratio"):

@@ -123,14 +123,14 @@ def _print_bases(config, batch: int, budget, device) -> None:
     seq_len = next(iter(rows.values()))[0].seq_len
     table = Table(title=f"peak training memory by base: {config.model.path}, {config.task}, {config.method}, "
                         f"batch {batch} x {seq_len} tokens, on {device.type}")
-    for column in ("base", "frozen base weights", "trainable + gradients + AdamW", "activations and temporaries",
-                   f"total at batch {batch}", f"largest batch within {human_bytes(budget.total)}"):
+    for column in ("base", "frozen weights", "LoRA + grads + AdamW", "activations", f"total at batch {batch}",
+                   f"largest batch in {human_bytes(budget.total)}"):
         table.add_column(column, justify="right")
     for name, (e, fit) in rows.items():
         table.add_row(name if name in ("fp32", "bf16") else f"{name} (bf16 compute)", human_bytes(e.base_weights),
                       human_bytes(e.trainable_weights + e.gradients + e.optimizer), human_bytes(e.activations),
                       human_bytes(e.total), str(fit.batch_size) if fit else "none fits")
-    Console().print(table)
+    Console(width=160).print(table)
     print("int8 and nf4: bitsandbytes' storage (int8 rows and their scales; packed 4-bit weights and double-quantised "
           "absmax), heads and embeddings in bf16. Choose one with model.quantize and model.dtype.")
 
